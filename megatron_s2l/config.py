@@ -1,0 +1,432 @@
+"""Typed configuration for a run: a tree of small dataclasses, loaded from YAML, overridden by
+``key.sub=value`` arguments, validated with errors that name the field, the value and the fix.
+
+Defaults follow the paper's setup (reference/PAPER.md, Appendix C): G=16, T_mix=T/2, lr 1e-6 constant,
+AdamW wd 0.01, grad clip 1.0, clip 0.2, dual clip 3, k3 KL 1e-3, token-mean loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the field and the fix."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = ""
+    """Learner Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)."""
+    megatron_checkpoint: str = ""
+    """Optional Megatron dist checkpoint made from `path` by `s2l convert hf-to-megatron`."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter dtype of the learner (main grads and optimizer state stay fp32)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this (padded rows are zero and masked out of log-probs)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: TE on CUDA when installed, megatron-core's local modules otherwise."""
+    fp8: Optional[Literal["delayed", "tensorwise"]] = None
+    """FP8 recipe for the learner's linear layers (H100 + Transformer Engine); null for BF16."""
+    fp8_margin: int = 0
+    """FP8 scaling margin (delayed recipe)."""
+    fp8_amax_history_len: int = 1024
+    """Length of the amax history window (delayed recipe)."""
+
+    def validate(self) -> None:
+        _check(self.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
+               self.make_vocab_size_divisible_by, "use a positive integer such as 128")
+        if self.fp8 is not None:
+            _check(self.dtype == "bfloat16", "model.fp8", self.fp8, "FP8 needs model.dtype=bfloat16")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; must divide the model's attention heads and query groups."""
+    pp: int = 1
+    """Pipeline-parallel size; must divide the number of layers."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch in the learner's forward/backward."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (megatron-core distributed optimizer)."""
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "micro_batch_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"parallel.{name}", value, "use an integer >= 1")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = ""
+    """Training prompts: a .jsonl or .parquet file, or a directory saved by HF `datasets`."""
+    template: Literal["dapo", "qwen3_nothink", "plain"] = "dapo"
+    """Prompt template (DAPO instruction inside the chat template is the paper's)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are dropped (and counted)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed dataset row stops the run with file:line, or is skipped and counted."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (deterministic from `seed`)."""
+
+    def validate(self) -> None:
+        _check(self.max_prompt_length >= 1, "data.max_prompt_length", self.max_prompt_length,
+               "use a positive token count such as 512")
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    engine: Literal["local", "sglang"] = "local"
+    """Learner-replica engine: in-process transformers (`local`) or SGLang servers (`sglang`)."""
+    learner_url: str = ""
+    """Base URL of the learner replica's SGLang server or router (engine=sglang)."""
+    api_key: str = ""
+    """Optional API key sent to SGLang servers."""
+    group_size: int = 16
+    """G: samples per prompt (explorer + learner)."""
+    prompts_per_step: int = 1024
+    """Prompts per training step (the paper's batch)."""
+    max_response_length: int = 4096
+    """Maximum generated tokens per sample."""
+    temperature: float = 1.0
+    """Learner sampling temperature; also applied when the learner recomputes log-probs."""
+    top_p: float = 1.0
+    """Learner nucleus sampling."""
+    top_k: int = -1
+    """Learner top-k sampling (-1: off)."""
+    weight_sync: Literal["memory", "tensor", "distributed", "disk"] = "memory"
+    """How new weights reach the learner replica: in memory (local), SGLang tensor/distributed/disk."""
+    weight_sync_bucket_mb: int = 512
+    """Bucket size for streamed weight updates."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and over-sample to refill the batch (DAPO)."""
+    max_oversample_rounds: int = 3
+    """Upper bound on extra collection rounds when dynamic sampling drops groups."""
+    request_timeout_s: float = 600.0
+    """HTTP timeout for one generate request."""
+
+    def validate(self) -> None:
+        _check(self.group_size >= 1, "rollout.group_size", self.group_size, "use G >= 1 (paper: 16)")
+        _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step,
+               "use a positive number of prompts")
+        _check(self.max_response_length >= 1, "rollout.max_response_length",
+               self.max_response_length, "use a positive token count")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature,
+               "use a temperature > 0 (1.0 is the paper's)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "use 0 < top_p <= 1")
+        if self.engine == "sglang":
+            _check(bool(self.learner_url), "rollout.learner_url", self.learner_url,
+                   "set the learner replica's server URL, e.g. http://127.0.0.1:30000")
+        if self.weight_sync == "memory":
+            _check(self.engine == "local", "rollout.weight_sync", self.weight_sync,
+                   "memory sync is only for engine=local; use tensor, distributed or disk for sglang")
+
+
+@dataclasses.dataclass
+class ExplorerConfig:
+    mode: Literal["pool", "online", "off"] = "pool"
+    """Explorer samples from an offline pool (paper), a frozen SGLang server, or none (plain GRPO)."""
+    model_path: str = ""
+    """Explorer HF checkpoint (to build a pool, or for the online server's tokenizer check)."""
+    pool_path: str = ""
+    """Directory of an explorer pool made by `s2l pool build` (mode=pool)."""
+    url: str = ""
+    """Explorer SGLang server URL (mode=online)."""
+    n_per_prompt: int = 32
+    """Pool samples stored per prompt (paper code: 32)."""
+    temperature: float = 0.7
+    """Explorer sampling temperature (paper: 0.7)."""
+    top_p: float = 0.95
+    """Explorer nucleus sampling (paper: 0.95)."""
+
+    def validate(self) -> None:
+        if self.mode == "pool":
+            _check(bool(self.pool_path), "explorer.pool_path", self.pool_path,
+                   "build one with `s2l pool build` and set its directory, or use explorer.mode=off")
+        if self.mode == "online":
+            _check(bool(self.url), "explorer.url", self.url, "set the explorer server URL")
+        _check(self.n_per_prompt >= 1, "explorer.n_per_prompt", self.n_per_prompt, "use >= 1")
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    kind: Literal["linear", "step", "cosine", "constant", "adaptive"] = "linear"
+    """How the explorer share alpha falls from 1 to 0 (paper: linear)."""
+    t_mix: Optional[int] = None
+    """T_mix: last mixing step (alpha reaches 0 at T_mix); default: half the training steps."""
+    constant_alpha: float = 0.5
+    """alpha held until T_mix by kind=constant."""
+    adaptive_window: int = 2
+    """kind=adaptive: steps of success rates averaged when comparing learner to explorer."""
+
+    def validate(self) -> None:
+        _check(0.0 <= self.constant_alpha <= 1.0, "schedule.constant_alpha", self.constant_alpha,
+               "use a value in [0, 1]")
+        if self.t_mix is not None:
+            _check(self.t_mix >= 1, "schedule.t_mix", self.t_mix, "use T_mix >= 1")
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    group_mode: Literal["mixed", "per_source"] = "mixed"
+    """Advantages over the combined group (paper) or within each source's sub-group."""
+    norm_adv_by_std: bool = True
+    """Divide advantages by the group std (off: Dr.GRPO)."""
+    adv_eps: float = 1e-6
+    """eps in (r - mean) / (std + eps)."""
+    ratio: Literal["learner_old", "tis", "luffy"] = "learner_old"
+    """Importance ratio for explorer tokens (see DESIGN.md §4)."""
+    eps_low: float = 0.2
+    """Lower clip range: ratio >= 1 - eps_low."""
+    eps_high: float = 0.2
+    """Upper clip range: ratio <= 1 + eps_high (clip-higher when > eps_low)."""
+    dual_clip: Optional[float] = 3.0
+    """Dual-clip constant c for negative advantages (null: off)."""
+    tis_clamp: float = 2.0
+    """ratio=tis: clamp of the token-level pi_old / pi_behaviour weight."""
+    luffy_gamma: float = 0.1
+    """ratio=luffy: shaping p / (p + gamma) for explorer tokens."""
+    kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    """KL estimator to the reference (initial) model."""
+    kl_coef: float = 1e-3
+    """KL loss coefficient (0 disables the reference model)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """Loss reduction; token_mean is over all valid tokens of the global batch."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk in the fused log-prob path (bounds the [chunk, V/TP] logits buffer)."""
+
+    def validate(self) -> None:
+        _check(self.eps_low >= 0 and self.eps_high >= 0, "algorithm.eps_low/eps_high",
+               (self.eps_low, self.eps_high), "use non-negative clip ranges such as 0.2")
+        if self.dual_clip is not None:
+            _check(self.dual_clip > 1.0, "algorithm.dual_clip", self.dual_clip,
+                   "dual clip needs c > 1 (paper: 3), or null to turn it off")
+        _check(self.kl_coef >= 0, "algorithm.kl_coef", self.kl_coef, "use a coefficient >= 0")
+        _check(self.logprob_chunk_size >= 1, "algorithm.logprob_chunk_size",
+               self.logprob_chunk_size, "use a positive token count")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    """Peak learning rate (paper: 1e-6 constant)."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    lr_schedule: Literal["constant", "warmup_cosine"] = "constant"
+    """Learning-rate schedule over optimizer updates."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer updates."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    mini_batches_per_step: int = 1
+    """Optimizer updates per training step (the batch is split into this many mini-batches)."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-6")
+        _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use >= 0 (0: off)")
+        _check(self.mini_batches_per_step >= 1, "optimizer.mini_batches_per_step",
+               self.mini_batches_per_step, "use >= 1")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where checkpoints go (default: <run_dir>/checkpoints)."""
+    every_steps: int = 0
+    """Save every N training steps (0: only at the end and on SIGTERM)."""
+    keep_last: int = 2
+    """How many checkpoints to keep."""
+    resume: str = "none"
+    """`none`, `auto` (latest in `dir`) or a checkpoint directory."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "keep at least 1")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    run_dir: str = "runs/s2l"
+    """Run directory: metrics.jsonl, plots, checkpoints."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless `wandb_mode` is online)."""
+    wandb_project: str = "megatron-s2l"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    tensorboard: bool = False
+    """Write TensorBoard event files under <run_dir>/tensorboard."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    steps: int = 16
+    """T: training steps (paper: 16 steps of 1024 prompts)."""
+    seed: int = 1234
+    """Seed for data order, pool draws, sampling and initialisation."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    explorer: ExplorerConfig = dataclasses.field(default_factory=ExplorerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def t_mix(self) -> int:
+        """T_mix with its default (half the steps) filled in."""
+        return self.schedule.t_mix if self.schedule.t_mix is not None else max(1, self.steps // 2)
+
+    def validate(self) -> "RunConfig":
+        _check(self.steps >= 1, "steps", self.steps, "use a positive number of training steps")
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            if hasattr(sub, "validate"):
+                sub.validate()
+        if self.explorer.mode != "off":
+            _check(self.t_mix <= self.steps, "schedule.t_mix", self.t_mix,
+                   f"T_mix must be <= steps ({self.steps}); lower schedule.t_mix or raise steps")
+        mini = self.optimizer.mini_batches_per_step
+        _check(self.rollout.prompts_per_step % mini == 0, "optimizer.mini_batches_per_step", mini,
+               f"it must divide rollout.prompts_per_step ({self.rollout.prompts_per_step})")
+        return self
+
+
+def check_parallel_fits_model(parallel: ParallelConfig, num_attention_heads: int,
+                              num_query_groups: int, num_layers: int) -> None:
+    """TP must divide heads and query groups; PP must divide the layers."""
+    for what, count in (("num_attention_heads", num_attention_heads),
+                        ("num_key_value_heads", num_query_groups)):
+        if count % parallel.tp:
+            fits = [d for d in range(1, count + 1) if count % d == 0]
+            raise ConfigError(f"parallel.tp={parallel.tp} does not divide the model's {what}="
+                              f"{count}; choose parallel.tp from {fits}")
+    if num_layers % parallel.pp:
+        fits = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise ConfigError(f"parallel.pp={parallel.pp} does not divide the model's "
+                          f"num_hidden_layers={num_layers}; choose parallel.pp from {fits}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (optional), apply ``a.b=value`` overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(RunConfig, raw).validate()
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so 3, 1e-6, true, null work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. rollout.group_size=8")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        import difflib
+
+        hints_text = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints_text.append(f"{prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown config key(s): {', '.join(hints_text)}; "
+                          f"valid keys here: {', '.join(sorted(names))}")
+    values = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, field: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, field + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, field)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{field}: {value!r} matches none of {options}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and ("off" in choices or "on" in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
+        if value not in choices:
+            raise ConfigError(f"{field}={value!r} is not one of {list(choices)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{field}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{field}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "1e-6" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{field}={value!r} must be a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{field}={value!r} must be a string (quote it in YAML)")
+        return value
+    raise TypeError(f"config field {field} has an unsupported type {hint}")  # programmer error
+
+
+def _check(ok: bool, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: {fix}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (for run directories and checkpoints)."""
+    return dataclasses.asdict(config)

