@@ -1,0 +1,116 @@
+"""Log-prob + entropy + backward: materialised fp32 logits vs the fused chunked path, side by side.
+
+Each variant runs in its own fresh process so peak memory is comparable: on CPU the peak is the
+growth of the process's maximum resident set during the measured step; on CUDA it is
+torch.cuda.max_memory_allocated above the inputs. Prints one JSON line.
+
+    python benchmarks/bench_logprobs.py --json                       # CPU default: 4096 x 1024, V=151936/8
+    python benchmarks/bench_logprobs.py --json --device cuda --tp 1  # full vocabulary on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+
+import torch
+
+
+def materialized(hidden, weight, targets, temperature):
+    """The common approach: fp32 logits [T, V], log-softmax, gather, entropy from the same tensors."""
+    logits = (hidden @ weight.t()).float() / temperature  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)  # [T, V]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def fused(hidden, weight, targets, temperature, chunk_size):
+    from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
+
+    return vocab_parallel_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+
+
+def _peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _run_variant(name: str, args: argparse.Namespace, queue) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    vocab = args.vocab // args.tp
+    hidden = (0.05 * torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype)).requires_grad_()
+    weight = (0.05 * torch.randn(vocab, args.hidden, device=args.device, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, vocab, (args.tokens,), device=args.device)
+    g_lp, g_ent = torch.randn(args.tokens, device=args.device), torch.randn(args.tokens, device=args.device)
+
+    def step():
+        if name == "materialized":
+            logprobs, entropy = materialized(hidden, weight, targets, args.temperature)
+        else:
+            logprobs, entropy = fused(hidden, weight, targets, args.temperature, args.chunk_size)
+        (logprobs * g_lp + entropy * g_ent).sum().backward()
+        hidden.grad = weight.grad = None
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = _peak_bytes(args.device)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    queue.put({"seconds": min(times), "peak_bytes": max(_peak_bytes(args.device) - base, 1)})
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_variant, args=(name, args, queue))
+    proc.start()
+    result = queue.get(timeout=3600)
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=151936, help="full vocabulary (Qwen3: 151936)")
+    parser.add_argument("--tp", type=int, default=8, help="the vocabulary per rank is vocab / tp")
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON line (the default output)")
+    args = parser.parse_args()
+
+    theirs, ours = measure("materialized", args), measure("fused", args)
+    report = {
+        "benchmark": "logprobs_entropy_fwd_bwd",
+        "shape": {"tokens": args.tokens, "hidden": args.hidden, "vocab_per_rank": args.vocab // args.tp,
+                  "tp": args.tp, "chunk_size": args.chunk_size, "dtype": args.dtype},
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads,
+        "materialized": theirs,
+        "fused": ours,
+        "peak_memory_ratio_vs_materialized": round(theirs["peak_bytes"] / ours["peak_bytes"], 2),
+        "time_ratio_vs_materialized": round(ours["seconds"] / theirs["seconds"], 3),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Per-token log-prob of the sampled token and entropy, vocab-parallel, without [T, V] fp32 logits.
+
+Legend: T tokens (flattened), H hidden size, V vocab per TP rank (this rank's rows of the output layer).
+
+The usual path materialises fp32 logits [T, V], a log-softmax of the same size, and their gradients;
+with a 152k vocabulary that is the memory peak of a GRPO step. Here the output-layer matmul, the
+log-softmax and the entropy are fused per chunk of tokens: the forward keeps only two fp32 numbers per
+token (log Z and E_p[logit]); the backward recomputes each chunk's logits and turns them straight into
+gradients for the hidden states and the output weight. Across TP ranks the softmax is combined with
+two all-reduces per chunk (max, then the stacked sums), exactly as megatron-core's vocab-parallel
+cross entropy does.
+
+Math, with l = z / temperature the tempered logits of one token and p = softmax(l):
+  logprob = l[target] - logZ,   entropy = logZ - sum_j p_j l_j
+  d logprob / d l_j = 1[j = target] - p_j,   d entropy / d l_j = -p_j (l_j - sum_k p_k l_k)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Tempered fp32 logits for one chunk: [c, H] x [V, H]^T -> [c, V] (matmul in the model dtype)."""
+    logits = torch.matmul(hidden, weight.t()).float()
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _FusedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size):
+        # hidden [T, H], weight [V, H] (valid rows only), targets [T] global ids
+        num_tokens = hidden.shape[0]
+        log_z = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
+        mean_logit = torch.empty_like(log_z)  # [T] E_p[l]
+        target_logit = torch.empty_like(log_z)  # [T]
+        local_targets = targets - vocab_start  # [T]
+        in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])  # [T]
+        safe_targets = torch.where(in_shard, local_targets, 0)
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, min(start + chunk_size, num_tokens))
+            logits = _chunk_logits(hidden[rows], weight, temperature)  # [c, V]
+            shard_max = logits.max(dim=-1).values if logits.shape[1] else \
+                torch.full((logits.shape[0],), -torch.inf, device=logits.device)
+            global_max = _all_reduce(shard_max, dist.ReduceOp.MAX, tp_group)  # [c]
+            logits.sub_(global_max.unsqueeze(-1))
+            picked = logits.gather(-1, safe_targets[rows].unsqueeze(-1)).squeeze(-1)  # [c]
+            exp = logits.exp()  # [c, V] (shifted logits stay in `logits`)
+            stacked = torch.stack([
+                exp.sum(-1),  # sum exp(l - max)
+                torch.bmm(exp.unsqueeze(1), logits.unsqueeze(2)).view(-1),  # sum exp(l - max) (l - max)
+                torch.where(in_shard[rows], picked, 0.0),  # (l_target - max) on the owning rank
+            ])  # [3, c]
+            del exp, logits
+            _all_reduce(stacked, dist.ReduceOp.SUM, tp_group)
+            sum_exp, sum_exp_l, picked = stacked
+            log_z[rows] = global_max + sum_exp.log()
+            mean_logit[rows] = global_max + sum_exp_l / sum_exp
+            target_logit[rows] = global_max + picked
+        ctx.save_for_backward(hidden, weight, safe_targets, in_shard, log_z, mean_logit)
+        ctx.temperature, ctx.tp_group, ctx.chunk_size = temperature, tp_group, chunk_size
+        ctx.set_materialize_grads(False)
+        return target_logit - log_z, log_z - mean_logit
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, safe_targets, in_shard, log_z, mean_logit = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        num_tokens = hidden.shape[0]
+        for start in range(0, num_tokens, ctx.chunk_size):
+            rows = slice(start, min(start + ctx.chunk_size, num_tokens))
+            grad_logits = _chunk_grad_logits(
+                _chunk_logits(hidden[rows], weight, ctx.temperature), log_z[rows], mean_logit[rows],
+                None if grad_logprobs is None else grad_logprobs[rows].float(),
+                None if grad_entropy is None else grad_entropy[rows].float(),
+                safe_targets[rows], in_shard[rows])  # [c, V]
+            if ctx.temperature != 1.0:
+                grad_logits.div_(ctx.temperature)  # l = z / temperature
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[rows] = torch.matmul(grad_logits, weight)
+            if need_weight:
+                grad_weight.add_(torch.matmul(grad_logits.t(), hidden[rows]).float())
+        if need_hidden:  # every TP rank holds part of the vocab: sum the partial input gradients
+            _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard):
+    """d loss / d l for one chunk, in place over two [c, V] buffers:
+    g_lp (1[target] - p) - g_ent p (l - E[l])."""
+    probs = (logits - log_z.unsqueeze(-1)).exp_()  # [c, V]
+    if g_entropy is not None:
+        logits.sub_(mean_logit.unsqueeze(-1)).mul_(probs).mul_(g_entropy.unsqueeze(-1))  # p (l - E) g_ent
+    grad = probs  # reuse the buffer
+    if g_logprob is None:
+        grad.zero_()
+    else:
+        grad.mul_(-g_logprob.unsqueeze(-1))
+        rows = in_shard.nonzero().squeeze(-1)
+        grad[rows, targets[rows]] += g_logprob[rows]
+    if g_entropy is not None:
+        grad.sub_(logits)
+    return grad
+
+
+def vocab_parallel_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
+    tp_group=None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature).
+
+    hidden [T, H] is replicated across TP ranks; weight [V, H] is this rank's vocab shard starting at
+    global id `vocab_start`; rows at global ids >= `vocab_size` (vocab padding) are left out of the
+    softmax. Returns fp32 (logprobs [T], entropy [T]); both are differentiable with respect to hidden
+    and weight (the entropy term costs nothing when its gradient is not needed).
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [T, H] and targets [T], got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if vocab_size is not None:
+        valid_rows = max(0, min(weight.shape[0], vocab_size - vocab_start))
+        weight = weight[:valid_rows]
+    return _FusedLogProbs.apply(hidden, weight, targets, float(temperature), int(vocab_start), tp_group,
+                                int(chunk_size))

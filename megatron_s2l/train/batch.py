@@ -1,0 +1,91 @@
+"""The token-level training batch: built from a step's groups on the driver, broadcast to every rank,
+then cut into mini-batches (one optimizer update each), data-parallel shards and micro-batches.
+
+Legend: B sequences (all samples of the step), S padded sequence length (prompt + response).
+Log-prob tensors are aligned with `tokens`: column s holds log p(tokens[s] | tokens[:s]), so only
+response columns (``response_mask``) carry values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2l.rollout.types import SOURCES, Group
+
+_BROADCAST_FIELDS = ("tokens", "response_mask", "advantages", "source", "behaviour_logprobs")
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [B, S] int64, right-padded
+    response_mask: torch.Tensor  # [B, S] bool
+    advantages: torch.Tensor  # [B] float32
+    source: torch.Tensor  # [B] int64: 0 explorer, 1 learner
+    behaviour_logprobs: torch.Tensor  # [B, S] float32, from the engine that sampled
+    old_logprobs: Optional[torch.Tensor] = None  # [B, S], filled by the learner
+    ref_logprobs: Optional[torch.Tensor] = None  # [B, S], filled by the learner when KL is on
+    weights: Optional[torch.Tensor] = None  # [B, S] loss reduction weights (global over a mini-batch)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    def select(self, rows: torch.Tensor | slice) -> "TrainBatch":
+        """The same batch restricted to some rows (mini-batch, shard, micro-batch)."""
+        return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_groups(cls, groups: list[Group], advantages: list[list[float]], pad_id: int,
+                    pad_to_multiple: int = 8) -> "TrainBatch":
+        """Concatenate prompt + response ids of every sample, right-padded to one length."""
+        samples = [(s, a) for g, adv in zip(groups, advantages) for s, a in zip(g.samples, adv)]
+        if not samples:
+            raise ValueError("no samples to train on: every group was dropped")
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s, _ in samples]
+        seq_len = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
+        tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(samples), seq_len, dtype=torch.bool)
+        behaviour = torch.zeros(len(samples), seq_len)
+        for row, (sample, _) in enumerate(samples):
+            start, end = len(sample.prompt_ids), len(sample.prompt_ids) + len(sample.response_ids)
+            tokens[row, :end] = torch.tensor(sample.prompt_ids + sample.response_ids)
+            mask[row, start:end] = True
+            behaviour[row, start:end] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        return cls(tokens=tokens, response_mask=mask,
+                   advantages=torch.tensor([a for _, a in samples], dtype=torch.float32),
+                   source=torch.tensor([SOURCES.index(s.source) for s, _ in samples]),
+                   behaviour_logprobs=behaviour)
+
+    def broadcast(self, src: int = 0, device: torch.device | None = None) -> "TrainBatch":
+        """Send the driver's batch to every rank (collective; other ranks may pass a placeholder)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self
+        device = device or self.tokens.device
+        shape = torch.tensor(list(self.tokens.shape) if dist.get_rank() == src else [0, 0], device=device)
+        dist.broadcast(shape, src)
+        batch, seq = shape.tolist()
+        out = {}
+        for name in _BROADCAST_FIELDS:
+            template = getattr(self, name)
+            dims = (batch, seq) if template.dim() == 2 else (batch,)
+            tensor = template.to(device) if dist.get_rank() == src else torch.empty(dims, dtype=template.dtype,
+                                                                                      device=device)
+            dist.broadcast(tensor, src)
+            out[name] = tensor
+        return TrainBatch(**out)
+
+    @classmethod
+    def placeholder(cls) -> "TrainBatch":
+        """What non-driver ranks pass to ``broadcast`` (only dtypes and ranks matter)."""
+        empty2 = torch.zeros(0, 0)
+        return cls(tokens=empty2.long(), response_mask=empty2.bool(), advantages=torch.zeros(0),
+                   source=torch.zeros(0, dtype=torch.long), behaviour_logprobs=empty2)

@@ -1,0 +1,319 @@
+"""The learner: a Megatron-Core GPTModel (TP x PP x DP, megatron DDP, distributed optimizer), a frozen
+reference copy for the KL term, forward-only log-prob passes and the GRPO update.
+
+Legend: B sequences, S padded length, H hidden, V vocab per TP rank.
+
+One step's batch is cut the same way for every pass: mini-batches (one optimizer update each), then this
+data-parallel rank's rows, then micro-batches. Using identical micro-batches for the old-log-prob pass
+and the update makes the PPO ratio exactly 1 on the first update. The loss of each micro-batch is a
+weighted token sum whose weights are normalised over the whole mini-batch (all micro-batches and all DP
+ranks), then multiplied by (micro-batches x DP size) to cancel megatron-core's per-micro-batch division
+and DP gradient averaging, so the gradient is that of the global token mean (or seq-mean reductions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
+from megatron_s2l.algo.loss import LossInputs, finalize_metrics, policy_loss, reduction_weights
+from megatron_s2l.config import RunConfig
+from megatron_s2l.model import convert, specs
+from megatron_s2l.train.batch import TrainBatch
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def hidden_states_only(model) -> Iterator[None]:
+    """Make GPTModel return the final (normed) hidden states instead of logits.
+
+    GPTModel.post_process=False is megatron-core's own switch for "no output layer"; the log-prob path
+    applies the output weight itself, chunk by chunk, so the [S, B, V] logits never exist.
+    """
+    gpt = convert.unwrap(model)
+    saved = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = saved
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    batch: TrainBatch  # this micro-batch's rows
+    logprobs: Optional[torch.Tensor] = None  # output of a forward-only pass, [b, S]
+
+
+class Learner:
+    """Owns the Megatron model(s) and optimizer; every rank of the torchrun job holds one."""
+
+    # config
+    cfg: RunConfig
+    args: specs.ModelArgs
+    # components
+    model: torch.nn.Module  # megatron DDP(GPTModel) chunk of this pipeline stage
+    ref_model: Optional[torch.nn.Module]
+    optimizer: object  # megatron-core MegatronOptimizer
+    scheduler: object  # megatron-core OptimizerParamScheduler
+    # state
+    num_updates: int
+
+    def __init__(self, cfg, args, model, ref_model, optimizer, scheduler):
+        self.cfg, self.args = cfg, args
+        self.model, self.ref_model = model, ref_model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.num_updates = 0
+
+    # ------------------------------------------------------------------ parallel layout
+
+    @staticmethod
+    def _dp_rank_size() -> tuple[int, int]:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+    @staticmethod
+    def is_last_stage() -> bool:
+        from megatron.core import parallel_state
+
+        return parallel_state.is_pipeline_last_stage()
+
+    def plan(self, batch: TrainBatch) -> list[list[MicroBatch]]:
+        """Mini-batches -> this DP rank's rows -> micro-batches, with global reduction weights."""
+        num_mini = self.cfg.optimizer.mini_batches_per_step
+        dp_rank, dp_size = self._dp_rank_size()
+        mbs = self.cfg.parallel.micro_batch_size
+        rows_per_mini = batch.num_sequences // num_mini
+        if batch.num_sequences % (num_mini * dp_size * mbs):
+            raise ValueError(
+                f"batch of {batch.num_sequences} sequences cannot be split into "
+                f"optimizer.mini_batches_per_step={num_mini} x data-parallel {dp_size} x "
+                f"parallel.micro_batch_size={mbs}; make prompts_per_step * group_size divisible by their product")
+        plan = []
+        for m in range(num_mini):
+            mini = batch.select(slice(m * rows_per_mini, (m + 1) * rows_per_mini))
+            mini.weights = reduction_weights(
+                mini.response_mask, self.cfg.algorithm.reduction, mini.num_sequences,
+                mini.num_response_tokens, self.cfg.rollout.max_response_length)
+            per_rank = rows_per_mini // dp_size
+            local = mini.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+            plan.append([MicroBatch(local.select(slice(i, i + mbs))) for i in range(0, per_rank, mbs)])
+        return plan
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _token_logprobs(self, model, hidden: torch.Tensor, batch: TrainBatch
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy [b, S] of the response tokens from hidden states [S, b, H]."""
+        from megatron.core import parallel_state
+
+        gpt = convert.unwrap(model)
+        weight = gpt.shared_embedding_or_output_weight() if self.args.tie_embeddings else gpt.output_layer.weight
+        hidden = hidden.transpose(0, 1)  # [b, S, H]
+        targets_mask = batch.response_mask[:, 1:]  # token s is predicted from position s - 1
+        selected = hidden[:, :-1][targets_mask]  # [N, H]
+        targets = batch.tokens[:, 1:][targets_mask]  # [N]
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        logprobs, entropy = vocab_parallel_logprobs(
+            selected, weight, targets, temperature=self.cfg.rollout.temperature,
+            vocab_start=tp_rank * weight.shape[0], vocab_size=self.args.vocab_size,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            chunk_size=self.cfg.algorithm.logprob_chunk_size)
+        full = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=hidden.device)
+        return full.masked_scatter(batch.response_mask, logprobs), full.masked_scatter(batch.response_mask, entropy)
+
+    def _run_schedule(self, model, micro_batches: list[MicroBatch], loss_fn: Callable, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, chunk):
+            micro = next(data_iterator)
+            tokens = micro.batch.tokens.to(self._device)
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            with hidden_states_only(chunk):
+                output = chunk(tokens, positions, None)  # causal mask; right padding needs nothing else
+            return output, partial(loss_fn, chunk, micro)
+
+        seq_len = micro_batches[0].batch.tokens.shape[1]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=seq_len,
+            micro_batch_size=micro_batches[0].batch.num_sequences, forward_only=forward_only)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(convert.unwrap(self.model).parameters()).device
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def compute_logprobs(self, plan: list[list[MicroBatch]], reference: bool = False) -> None:
+        """Forward-only pass: fill `old_logprobs` (actor) or `ref_logprobs` (reference) of every
+        micro-batch in the plan (on the last pipeline stage; other stages only relay activations)."""
+        model = self.ref_model if reference else self.model
+        field = "ref_logprobs" if reference else "old_logprobs"
+
+        def collect(chunk, micro, hidden):
+            logprobs, _ = self._token_logprobs(chunk, hidden, micro.batch)
+            setattr(micro.batch, field, logprobs)
+            return logprobs.new_zeros(()), {}
+
+        was_training = model.training
+        model.eval()
+        for micro_batches in plan:
+            self._run_schedule(model, micro_batches, collect, forward_only=True)
+        model.train(was_training)
+
+    def train_step(self, plan: list[list[MicroBatch]]) -> dict[str, float]:
+        """One optimizer update per mini-batch; returns averaged metrics (valid on every rank)."""
+        _, dp_size = self._dp_rank_size()
+        sums: dict[str, float] = {}
+        grad_norms, skipped = [], 0
+        self.model.train()
+        for micro_batches in plan:
+            scale = len(micro_batches) * dp_size  # undo megatron's 1/num_microbatches and 1/dp
+
+            def loss_fn(chunk, micro, hidden):
+                batch = micro.batch
+                logprobs, entropy = self._token_logprobs(chunk, hidden, batch)
+                inputs = LossInputs(
+                    logprobs=logprobs, old_logprobs=batch.old_logprobs.to(logprobs.device),
+                    advantages=batch.advantages.to(logprobs.device), mask=batch.response_mask.to(logprobs.device),
+                    weights=batch.weights.to(logprobs.device), source=batch.source.to(logprobs.device),
+                    ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs.to(logprobs.device),
+                    behaviour_logprobs=batch.behaviour_logprobs.to(logprobs.device), entropy=entropy)
+                loss, metrics = policy_loss(inputs, self.cfg.algorithm)
+                metrics["loss/total_sum"] = loss.detach().double()
+                return loss * scale, metrics
+
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outputs = self._run_schedule(self.model, micro_batches, loss_fn, forward_only=False)
+            for metrics in outputs:
+                for name, value in metrics.items():
+                    sums[name] = max(sums.get(name, 0.0), value.item()) if name.endswith("_max") \
+                        else sums.get(name, 0.0) + value.item()
+            grad_norm, ok = self._optimizer_step()
+            grad_norms.append(grad_norm)
+            skipped += not ok
+        metrics = finalize_metrics(_reduce_metrics(sums))
+        metrics["loss/total"] = metrics.pop("loss/total_sum", 0.0) / len(plan)  # mean over updates
+        metrics["train/grad_norm"] = max(grad_norms)
+        metrics["train/skipped_updates"] = skipped
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """Clip and step, or skip the update (and log why) when the gradient is not finite."""
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            logger.warning("non-finite gradient norm (%s): update %d skipped, weights unchanged",
+                           grad_norm, self.num_updates + 1)
+            self.optimizer.zero_grad()
+            return grad_norm, False
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = inner.get_parameters()
+            if params and self.cfg.optimizer.grad_clip > 0:
+                clip_grad_by_total_norm_fp32(params, max_norm=self.cfg.optimizer.grad_clip, total_norm=grad_norm)
+        self.optimizer.step_with_ready_grads()
+        self.scheduler.step(increment=1)
+        self.num_updates += 1
+        return grad_norm, True
+
+
+def _reduce_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Sum metric sums over all ranks (only last-stage ranks contribute; TP ranks hold copies)."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return sums
+    names = sorted(sums)
+    counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    # every rank must join the same collectives: agree on the metric names first
+    all_names: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_names, names)
+    names = sorted({n for rank_names in all_names for n in rank_names})
+    values = torch.tensor([sums.get(n, 0.0) if counted else 0.0 for n in names], dtype=torch.float64)
+    is_max = torch.tensor([n.endswith("_max") for n in names])
+    total = values.masked_fill(is_max, 0.0)
+    maxima = values.masked_fill(~is_max, -math.inf)
+    dist.all_reduce(total)
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    return {n: (maxima[i] if is_max[i] else total[i]).item() for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_learner(cfg: RunConfig, hf_dir: str, megatron_checkpoint: str = "") -> Learner:
+    """Model (+ DDP), reference model (when KL is on), optimizer and lr schedule, weights loaded from
+    the HF checkpoint (or a Megatron dist checkpoint converted from it). Parallel state must exist."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    hf_config = specs.load_hf_config(hf_dir)
+    args = specs.model_args_from_hf(hf_config)
+
+    def load_weights(model) -> None:
+        from megatron_s2l.model import checkpoint_io
+
+        if megatron_checkpoint:
+            checkpoint_io.load_megatron_checkpoint(model, megatron_checkpoint, hf_config)
+        else:
+            convert.load_hf_weights(model, checkpoint_io.HFCheckpoint(hf_dir).get, args)
+
+    model = specs.build_gpt_model(args, cfg.model, cfg.parallel)
+    load_weights(model)
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = model.no_sync
+
+    ref_model = None
+    if cfg.algorithm.kl_coef > 0:
+        ref_model = specs.build_gpt_model(args, cfg.model, cfg.parallel)
+        load_weights(ref_model)
+        ref_model.requires_grad_(False).eval()
+
+    optimizer, scheduler = build_optimizer(cfg, model)
+    return Learner(cfg, args, model, ref_model, optimizer, scheduler)
+
+
+def build_optimizer(cfg: RunConfig, model):
+    """megatron-core AdamW (distributed optimizer when configured) and its lr schedule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = cfg.optimizer
+    bf16 = cfg.model.dtype == "bfloat16"
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                        clip_grad=opt.grad_clip, bf16=bf16,
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
+        [model])
+    total_updates = max(1, cfg.steps * opt.mini_batches_per_step)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if opt.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=opt.warmup_steps, lr_decay_steps=total_updates,
+        lr_decay_style="constant" if opt.lr_schedule == "constant" else "cosine",
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=total_updates,
+        wd_incr_style="constant")
+    return optimizer, scheduler
