@@ -39,6 +39,17 @@ class ModelArgs:
     qk_norm: bool
     max_position_embeddings: int
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (what the HF checkpoint stores)."""
+        h, d = self.hidden_size, self.head_dim
+        attention = h * d * (2 * self.num_attention_heads + 2 * self.num_query_groups)
+        attention += (self.num_attention_heads + 2 * self.num_query_groups) * d if self.qkv_bias else 0
+        attention += 2 * d if self.qk_norm else 0
+        layer = attention + 3 * h * self.ffn_hidden_size + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * layer + embeddings + h
+
     def padded_vocab_size(self, divisible_by: int, tp: int = 1) -> int:
         """Vocabulary rounded up to a multiple of lcm(divisible_by, tp): the same for every TP that
         divides `divisible_by`, so checkpoints reshard across those TP sizes."""

@@ -1,0 +1,134 @@
+"""Where metrics go: a progress line on the console, metrics.jsonl always, wandb and TensorBoard when
+enabled. Metrics are one flat dict per step with slash names (`reward/explorer_mean`, `timing/train_s`).
+Only the driver rank logs; other ranks get a `NullLogger`, so call sites never branch on rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+from megatron_s2l.config import LoggingConfig
+
+logger = logging.getLogger(__name__)
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Appends one JSON object per step; resumed runs keep appending to the same file."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ConsoleSink:
+    """One readable progress line per step."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        logger.info(format_progress(step, self.total_steps, metrics))
+
+    def close(self) -> None:
+        pass
+
+
+class WandbSink:
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict):
+        try:
+            import wandb
+        except ImportError as err:
+            raise ImportError("logging.wandb=true needs wandb: pip install 'megatron-s2l[logging]'") from err
+        self._run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(run_dir), config=config,
+                               name=run_dir.name, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("logging.tensorboard=true needs tensorboard: "
+                              "pip install 'megatron-s2l[logging]'") from err
+        self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricsLogger:
+    def __init__(self, sinks: list[MetricSink]):
+        self.sinks = sinks
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class NullLogger(MetricsLogger):
+    def __init__(self):
+        super().__init__([])
+
+
+def build_metrics_logger(cfg: LoggingConfig, total_steps: int, config: dict, is_driver: bool) -> MetricsLogger:
+    if not is_driver:
+        return NullLogger()
+    run_dir = Path(cfg.run_dir)
+    sinks: list[MetricSink] = [ConsoleSink(total_steps), JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.wandb:
+        sinks.append(WandbSink(cfg, run_dir, config))
+    if cfg.tensorboard:
+        sinks.append(TensorBoardSink(run_dir))
+    return MetricsLogger(sinks)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def format_progress(step: int, total: int, m: dict[str, float]) -> str:
+    """`step 3/16 | alpha 0.71 G_w/G_s 12/4 | acc exp 0.42 lrn 0.25 | kl ... | 12.1s (rollout 8.0 ...)`."""
+    timing = " ".join(f"{k.split('/')[1].removesuffix('_s')} {v:.1f}" for k, v in m.items()
+                      if k.startswith("timing/") and k != "timing/step_s")
+    return (f"step {step}/{total} | alpha {_fmt(m.get('schedule/alpha'), '.2f')} "
+            f"G_w/G_s {int(m.get('schedule/G_w', 0))}/{int(m.get('schedule/G_s', 0))} | "
+            f"reward exp {_fmt(m.get('reward/explorer_mean'))} lrn {_fmt(m.get('reward/learner_mean'))} | "
+            f"acc exp {_fmt(m.get('accuracy/explorer'))} lrn {_fmt(m.get('accuracy/learner'))} | "
+            f"kl {_fmt(m.get('loss/kl'), '.2e')} clip {_fmt(m.get('loss/clip_frac'))} "
+            f"ent {_fmt(m.get('loss/entropy'), '.2f')} | len {_fmt(m.get('response/mean_length'), '.0f')} | "
+            f"{_fmt(m.get('throughput/tokens_per_s'), '.0f')} tok/s | "
+            f"{_fmt(m.get('timing/step_s'), '.1f')}s ({timing})")

@@ -1,0 +1,371 @@
+"""The offline ExplorerPool: explorer samples generated once, stored, and drawn G_w at a time per step.
+
+Layout of a pool directory:
+  manifest.json              explorer, tokenizer hash, sampling params, dataset hash, counts, status
+  chunks/chunk-00000.parquet one row per sample; chunk i holds prompts [i*chunk_size, (i+1)*chunk_size)
+
+Building writes one chunk at a time (temp file, then rename), so a crash loses at most the chunk in flight
+and rerunning the same build resumes after the last finished chunk. `ExplorerPool.open` refuses a pool
+whose tokenizer differs from the learner's: token ids would mean different text.
+
+Draws: the samples of a prompt are used in a seeded random order (one permutation per "prompt epoch",
+from (seed, prompt_id, epoch)); each draw takes the next k, so no sample repeats within an epoch. When
+fewer than k are left the leftovers are skipped and a new epoch starts, so one draw never holds a sample
+twice. The cursor is part of the trainer's checkpoint, so a resumed run draws what an uninterrupted run
+would. The paper stores 32 samples per prompt (T=0.7, top_p=0.95) and draws without replacement; the
+epoch/skip rule and the per-step replay (see `draw`) are ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from megatron_s2l.rollout.engine import RolloutEngine
+from megatron_s2l.rollout.local import derive_seed
+from megatron_s2l.rollout.types import Generation, Sample, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHUNKS = "chunks"
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32())),
+    ("finish_reason", pa.string()), ("reward", pa.float64()), ("answer", pa.string()), ("text", pa.string()),
+    ("weight_version", pa.string()),
+])
+# manifest keys that must agree for a rerun to resume an unfinished build
+BUILD_SETTINGS = ("explorer_model", "tokenizer_hash", "sampling", "n_per_prompt", "chunk_size",
+                  "dataset_hash", "scored")
+
+
+@runtime_checkable
+class PromptRecord(Protocol):
+    """One training prompt, as the data module yields it."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    gold: str
+
+
+class ScoreResult(Protocol):
+    reward: float
+    answer: Optional[str]
+
+
+class Scorer(Protocol):
+    """The verifier (reward module): one result per response, same order."""
+
+    def score_batch(self, responses: list[str], golds: list[str]) -> list[ScoreResult]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# identities
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """Hash of what gives token ids their meaning: vocabulary, merges and added (special) tokens.
+
+    Read from tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json, into one canonical
+    form, so the same tokenizer saved either way hashes the same; chat templates and EOS settings are
+    left out (they do not change what an id means). SentencePiece models hash the tokenizer.model bytes.
+    """
+    folder = Path(tokenizer_dir)
+    vocab, merges, added, spm = None, [], {}, ""
+    if (folder / "tokenizer.json").is_file():
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab, merges = spec["model"].get("vocab"), spec["model"].get("merges", [])
+        added = {int(t["id"]): t["content"] for t in spec.get("added_tokens", [])}
+    elif (folder / "vocab.json").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        if (folder / "merges.txt").is_file():
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+            merges = [m for m in lines if m and not m.startswith("#version")]
+    elif (folder / "tokenizer.model").is_file():
+        spm = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
+    else:
+        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.json or tokenizer.model; point at the "
+                                "model directory that holds the tokenizer files")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+        added.update({int(i): t["content"] for i, t in decoder.items() if int(i) not in added})
+    if (folder / "added_tokens.json").is_file():
+        extra = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
+        added.update({int(i): tok for tok, i in extra.items() if int(i) not in added})
+    canonical = {
+        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else vocab,
+        "merges": [" ".join(m) if isinstance(m, list) else m for m in merges],
+        "added": sorted(added.items()), "spm": spm,
+    }
+    text = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_hash(prompts: Sequence[PromptRecord]) -> str:
+    """Hash of the prompt records in order (ids, token ids, gold): the template and tokenizer are in it."""
+    digest = hashlib.sha256()
+    for record in prompts:
+        digest.update(json.dumps([record.prompt_id, list(record.prompt_ids), record.gold]).encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_prompt: int,
+               params: SamplingParams, out_dir: str | Path, *, explorer_model: str, tokenizer_dir: str | Path,
+               dataset_name: str = "", scorer: Optional[Scorer] = None, chunk_size: int = 64,
+               seed: int = 0) -> Path:
+    """Generate `n_per_prompt` explorer samples per prompt into `out_dir` (resumable); returns out_dir.
+
+    `params.seed` (or `seed` when it is None) seeds the engine; with LocalEngine a prompt's samples then
+    depend only on that seed and the prompt, so a resumed build equals an uninterrupted one.
+    """
+    from transformers import AutoTokenizer
+
+    ids = [p.prompt_id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError("prompt_id values repeat in the dataset; the pool is keyed by prompt_id, so "
+                         "deduplicate the prompts (the paper deduplicates DAPO-Math-17k) first")
+    if n_per_prompt < 1 or chunk_size < 1:
+        raise ValueError(f"n_per_prompt={n_per_prompt}, chunk_size={chunk_size}: both must be >= 1")
+    params = dataclasses.replace(params, seed=seed if params.seed is None else params.seed)
+    out_dir = Path(out_dir)
+    manifest = {
+        "format_version": FORMAT_VERSION, "status": "building", "created": _now(),
+        "explorer_model": explorer_model, "engine": engine.name,
+        "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+        "sampling": dataclasses.asdict(params), "n_per_prompt": n_per_prompt, "chunk_size": chunk_size,
+        "dataset_name": dataset_name, "dataset_hash": dataset_hash(prompts), "scored": scorer is not None,
+        "num_prompts": len(prompts), "num_chunks": -(-len(prompts) // chunk_size),
+    }
+    manifest = _start_or_resume(out_dir, manifest)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer))
+    manifest.update(status="complete", completed=_now(), num_samples=len(prompts) * n_per_prompt,
+                    explorer_weight_version=version)
+    _write_json(out_dir / MANIFEST, manifest)
+    logger.info("explorer pool complete: %s (%d prompts x %d samples)", out_dir, len(prompts), n_per_prompt)
+    return out_dir
+
+
+def _start_or_resume(out_dir: Path, manifest: dict) -> dict:
+    """Write a fresh manifest, or keep the old one if its build settings match (then chunks are reused)."""
+    path = out_dir / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in BUILD_SETTINGS if old.get(k) != manifest[k]]
+        if changed:
+            raise ValueError(f"{out_dir} holds a pool built with different {', '.join(changed)}; "
+                             "use a new output directory, or delete this one to rebuild")
+        if old.get("status") == "complete":
+            logger.info("%s is already complete; nothing to build", out_dir)
+        return old
+    (out_dir / CHUNKS).mkdir(parents=True, exist_ok=True)
+    manifest["pool_id"] = derive_seed(manifest["created"], manifest["dataset_hash"], os.getpid())
+    _write_json(path, manifest)
+    return manifest
+
+
+async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer) -> str:
+    """Generate every missing chunk; returns the engine's weight version (one event loop for all calls)."""
+    size, n = manifest["chunk_size"], manifest["n_per_prompt"]
+    for index in range(manifest["num_chunks"]):
+        path = out_dir / CHUNKS / f"chunk-{index:05d}.parquet"
+        if path.is_file():
+            continue
+        start = time.perf_counter()
+        records = prompts[index * size:(index + 1) * size]
+        generations = await engine.generate([list(r.prompt_ids) for r in records], n, params)
+        table = _chunk_table(records, generations, tokenizer, scorer)
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # a chunk file exists only when complete
+        logger.info("pool chunk %d/%d: %d prompts x %d samples in %.1f s", index + 1, manifest["num_chunks"],
+                    len(records), n, time.perf_counter() - start)
+    return await engine.weight_version()
+
+
+def _chunk_table(records, generations: list[list[Generation]], tokenizer, scorer) -> pa.Table:
+    rows = [(r, j, g) for r, gens in zip(records, generations) for j, g in enumerate(gens)]
+    texts = tokenizer.batch_decode([g.response_ids for _, _, g in rows], skip_special_tokens=True)
+    results = scorer.score_batch(texts, [r.gold for r, _, _ in rows]) if scorer is not None else None
+    columns = {
+        "prompt_id": [r.prompt_id for r, _, _ in rows], "sample_index": [j for _, j, _ in rows],
+        "prompt_ids": [list(r.prompt_ids) for r, _, _ in rows],
+        "response_ids": [g.response_ids for *_, g in rows],
+        "logprobs": [g.logprobs for *_, g in rows], "finish_reason": [g.finish_reason for *_, g in rows],
+        "reward": [float(s.reward) for s in results] if results else [None] * len(rows),
+        "answer": [s.answer for s in results] if results else [None] * len(rows),
+        "text": texts, "weight_version": [g.weight_version for *_, g in rows],
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and drawing
+
+
+class ExplorerPool:
+    """A finished pool, loaded into memory (Arrow: ~8 bytes per stored token plus text), with a cursor."""
+
+    # config
+    path: Path
+    manifest: dict
+    seed: int
+    # data
+    table: pa.Table
+    _rows: dict[str, list[int]]  # prompt_id -> table rows, by sample_index
+    # state: prompt_id -> [epoch, pos, last_step, epoch_before_last_step, pos_before_last_step]
+    _cursor: dict[str, list[int]]
+
+    def __init__(self, path: Path, manifest: dict, table: pa.Table, seed: int):
+        self.path, self.manifest, self.table, self.seed = path, manifest, table, seed
+        self._rows = {}
+        for row, pid in enumerate(table.column("prompt_id").to_pylist()):
+            self._rows.setdefault(pid, []).append(row)
+        self._cursor = {}
+
+    @classmethod
+    def open(cls, path: str | Path, expected_tokenizer_hash: str, seed: int = 0) -> "ExplorerPool":
+        """Load a complete pool; refuse one whose tokenizer differs from the learner's."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path} has no {MANIFEST}; build a pool with `s2l pool build`")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: pool format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                             "rebuild it with this version of `s2l pool build`")
+        if manifest.get("status") != "complete":
+            raise ValueError(f"{path}: the pool build did not finish; rerun `s2l pool build` with the same "
+                             "arguments to resume it")
+        if manifest["tokenizer_hash"] != expected_tokenizer_hash:
+            raise ValueError(
+                f"{path}: the pool's tokenizer ({manifest['tokenizer_hash']}, explorer "
+                f"{manifest['explorer_model']}) differs from the learner's ({expected_tokenizer_hash}); its "
+                "token ids would mean different text. Build a pool with an explorer of the learner's family "
+                "(same tokenizer), or point explorer.pool_path at a pool built for this learner")
+        files = sorted((path / CHUNKS).glob("chunk-*.parquet"))
+        tables = [pq.read_table(f, schema=SCHEMA) for f in files]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        if table.num_rows != manifest["num_samples"]:
+            raise ValueError(f"{path}: {table.num_rows} samples on disk, manifest says "
+                             f"{manifest['num_samples']}; the directory was altered, rebuild the pool")
+        table = table.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
+        return cls(path, manifest, table, seed)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._rows
+
+    def draw(self, prompt_id: str, k: int, step: int) -> list[Sample]:
+        """k distinct samples of `prompt_id` for training step `step` (1-indexed), source "explorer".
+
+        The result depends only on (seed, prompt_id, step) and this prompt's cursor. Drawing the same
+        prompt again in the same step replays that step's draw (it does not consume more samples), so a
+        retried step sees the same explorer samples.
+        """
+        rows = self._rows.get(prompt_id)
+        if rows is None:
+            raise ValueError(f"prompt {prompt_id!r} is not in the explorer pool {self.path} (dataset "
+                             f"{self.manifest.get('dataset_name')!r}); build the pool from the training data")
+        if not 0 <= k <= len(rows):
+            raise ValueError(f"asked for {k} explorer samples of {prompt_id!r}, the pool holds {len(rows)}; "
+                             "build a pool with n_per_prompt >= G or lower rollout.group_size")
+        if step < 1:
+            raise ValueError(f"step={step}: steps are 1-indexed")
+        epoch, pos, last_step, epoch0, pos0 = self._cursor.get(prompt_id, [0, 0, 0, 0, 0])
+        if step < last_step:
+            raise ValueError(f"pool cursor for {prompt_id!r} is at step {last_step}, draw asked for step "
+                             f"{step}; restore the pool cursor from the same checkpoint as the trainer")
+        if step == last_step:
+            epoch, pos = epoch0, pos0
+        if k == 0:
+            return []
+        before = [epoch, pos]
+        if pos + k > len(rows):  # skip the leftovers: a draw never repeats a sample
+            epoch, pos = epoch + 1, 0
+        order = np.random.default_rng(derive_seed(self.seed, prompt_id, epoch)).permutation(len(rows))
+        picked = [rows[i] for i in order[pos:pos + k]]
+        self._cursor[prompt_id] = [epoch, pos + k, step, *before]
+        return [_to_sample(r) for r in self.table.take(picked).to_pylist()]
+
+    def state_dict(self) -> dict:
+        return {"pool_id": self.manifest.get("pool_id"), "seed": self.seed,
+                "cursor": {k: list(v) for k, v in self._cursor.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["pool_id"] != self.manifest.get("pool_id") or state["seed"] != self.seed:
+            raise ValueError(f"the checkpoint's pool cursor is for pool {state['pool_id']} with seed "
+                             f"{state['seed']}, this is pool {self.manifest.get('pool_id')} ({self.path}) "
+                             f"with seed {self.seed}; resume with the same explorer.pool_path and seed")
+        self._cursor = {k: list(v) for k, v in state["cursor"].items()}
+
+    # ------------------------------------------------------------------------------------------
+    # stats
+
+    def prompt_stats(self) -> dict[str, dict[str, float]]:
+        """Per prompt: num_samples, success_rate (reward > 0; None if unscored), unique_answers."""
+        rewards = self.table.column("reward").to_pylist()
+        answers = self.table.column("answer").to_pylist()
+        out = {}
+        for pid, rows in self._rows.items():
+            scored = [rewards[r] for r in rows if rewards[r] is not None]
+            out[pid] = {"num_samples": len(rows),
+                        "success_rate": sum(r > 0 for r in scored) / len(scored) if scored else None,
+                        "unique_answers": len({answers[r] for r in rows if answers[r] is not None})}
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """Flat pool metrics: sizes, lengths, truncation; success and diversity when scored."""
+        lengths = pc.list_value_length(self.table.column("response_ids"))
+        truncated = pc.equal(self.table.column("finish_reason"), "length")
+        out = {"pool/num_prompts": float(self.num_prompts), "pool/num_samples": float(self.table.num_rows),
+               "pool/mean_response_length": pc.mean(lengths).as_py() or 0.0,
+               "pool/truncated_frac": pc.mean(pc.cast(truncated, pa.float64())).as_py() or 0.0}
+        per_prompt = self.prompt_stats().values()
+        rates = [p["success_rate"] for p in per_prompt if p["success_rate"] is not None]
+        if rates:
+            out["pool/success_rate"] = sum(rates) / len(rates)
+            out["pool/frac_prompts_all_correct"] = sum(r == 1.0 for r in rates) / len(rates)
+            out["pool/frac_prompts_all_wrong"] = sum(r == 0.0 for r in rates) / len(rates)
+            out["pool/unique_answer_ratio"] = (sum(p["unique_answers"] / p["num_samples"] for p in per_prompt)
+                                               / len(per_prompt))
+        return out
+
+
+def _to_sample(row: dict) -> Sample:
+    return Sample(prompt_id=row["prompt_id"], prompt_ids=row["prompt_ids"], response_ids=row["response_ids"],
+                  logprobs=row["logprobs"], source="explorer", weight_version=row["weight_version"],
+                  finish_reason=row["finish_reason"], reward=row["reward"], answer=row["answer"],
+                  text=row["text"])
