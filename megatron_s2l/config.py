@@ -88,6 +88,8 @@ class RolloutConfig:
     """Learner-replica engine: in-process transformers (`local`) or SGLang servers (`sglang`)."""
     learner_url: str = ""
     """Base URL of the learner replica's SGLang server or router (engine=sglang)."""
+    learner_worker_urls: list[str] = dataclasses.field(default_factory=list)
+    """The SGLang servers behind a router (weight updates go to each); empty: learner_url is a server."""
     api_key: str = ""
     """Optional API key sent to SGLang servers."""
     group_size: int = 16
@@ -139,7 +141,7 @@ class ExplorerConfig:
     pool_path: str = ""
     """Directory of an explorer pool made by `s2l pool build` (mode=pool)."""
     url: str = ""
-    """Explorer SGLang server URL (mode=online)."""
+    """Explorer SGLang server URL (mode=online); empty: run explorer.model_path in-process."""
     n_per_prompt: int = 32
     """Pool samples stored per prompt (paper code: 32)."""
     temperature: float = 0.7
@@ -152,7 +154,8 @@ class ExplorerConfig:
             _check(bool(self.pool_path), "explorer.pool_path", self.pool_path,
                    "build one with `s2l pool build` and set its directory, or use explorer.mode=off")
         if self.mode == "online":
-            _check(bool(self.url), "explorer.url", self.url, "set the explorer server URL")
+            _check(bool(self.url or self.model_path), "explorer.url", self.url,
+                   "set the explorer's SGLang server URL (or explorer.model_path for an in-process explorer)")
         _check(self.n_per_prompt >= 1, "explorer.n_per_prompt", self.n_per_prompt, "use >= 1")
 
 
@@ -204,6 +207,8 @@ class AlgorithmConfig:
     """Loss reduction; token_mean is over all valid tokens of the global batch."""
     logprob_chunk_size: int = 1024
     """Tokens per chunk in the fused log-prob path (bounds the [chunk, V/TP] logits buffer)."""
+    logprob_impl: Literal["auto", "torch", "triton"] = "auto"
+    """Fused log-prob implementation: Triton kernels on CUDA (auto), or the chunked torch path."""
 
     def validate(self) -> None:
         _check(self.eps_low >= 0 and self.eps_high >= 0, "algorithm.eps_low/eps_high",
@@ -214,6 +219,26 @@ class AlgorithmConfig:
         _check(self.kl_coef >= 0, "algorithm.kl_coef", self.kl_coef, "use a coefficient >= 0")
         _check(self.logprob_chunk_size >= 1, "algorithm.logprob_chunk_size",
                self.logprob_chunk_size, "use a positive token count")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    path: str = ""
+    """Held-out prompts scored with the learner replica during training (same formats as data.path)."""
+    every_steps: int = 0
+    """Evaluate every N steps and after the last one (0: never)."""
+    max_prompts: int = 200
+    """Use at most this many held-out prompts."""
+    temperature: float = 0.7
+    """Evaluation sampling (paper: Qwen3 nothink, T 0.7, top_p 0.8, top_k 20, presence penalty 1.5)."""
+    top_p: float = 0.8
+    top_k: int = 20
+    presence_penalty: float = 1.5
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "use >= 0 (0: off)")
+        if self.every_steps:
+            _check(bool(self.path), "eval.path", self.path, "set held-out prompts or eval.every_steps=0")
 
 
 @dataclasses.dataclass
@@ -285,6 +310,7 @@ class RunConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -398,6 +424,11 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{field}={value!r} is not one of {list(choices)}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{field}={value!r} must be a list, e.g. [a, b]")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item_hint, item, f"{field}[{i}]") for i, item in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{field}={value!r} must be true or false")

@@ -6,9 +6,10 @@ The usual path materialises fp32 logits [T, V], a log-softmax of the same size, 
 with a 152k vocabulary that is the memory peak of a GRPO step. Here the output-layer matmul, the
 log-softmax and the entropy are fused per chunk of tokens: the forward keeps only two fp32 numbers per
 token (log Z and E_p[logit]); the backward recomputes each chunk's logits and turns them straight into
-gradients for the hidden states and the output weight. Across TP ranks the softmax is combined with
-two all-reduces per chunk (max, then the stacked sums), exactly as megatron-core's vocab-parallel
-cross entropy does.
+gradients for the hidden states and the output weight. Each TP rank reduces its vocab shard to four
+numbers per token (max, sum of exp, sum of exp * logit, target logit); two all-reduces over [T]
+vectors combine them exactly. On CUDA the same statistics and gradients come from Triton kernels that
+never hold even a chunk of logits (logprobs_triton.py).
 
 Math, with l = z / temperature the tempered logits of one token and p = softmax(l):
   logprob = l[target] - logZ,   entropy = logZ - sum_j p_j l_j
@@ -37,46 +38,65 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
+def _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chunk_size):
+    """Per-token statistics over this rank's vocab, chunk by chunk: max m, sum exp(l - m),
+    sum exp(l - m) * l and the target's logit (0 where another rank owns the target), fp32 [T] each."""
+    num_tokens = hidden.shape[0]
+    stats = torch.zeros(4, num_tokens, dtype=torch.float32, device=hidden.device)  # [4, T]
+    if weight.shape[0] == 0:
+        stats[0] = -torch.inf
+        return stats.unbind(0)
+    for start in range(0, num_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, num_tokens))
+        logits = _chunk_logits(hidden[rows], weight, temperature)  # [c, V]
+        shard_max = logits.max(dim=-1).values  # [c]
+        picked = logits.gather(-1, local_targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        exp = (logits - shard_max.unsqueeze(-1)).exp_()  # [c, V]
+        stats[0, rows] = shard_max
+        stats[1, rows] = exp.sum(-1)
+        stats[2, rows] = torch.bmm(exp.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # sum exp(l - m) l
+        stats[3, rows] = torch.where(in_shard[rows], picked, 0.0)
+        del exp, logits
+    return stats.unbind(0)
+
+
+def _combine_ranks(shard_max, sum_exp, sum_exp_l, picked, tp_group):
+    """Exact log Z, E_p[l] and the target logit over the whole vocabulary: two all-reduces."""
+    global_max = _all_reduce(shard_max.clone(), dist.ReduceOp.MAX, tp_group)  # [T]
+    rescale = (shard_max - global_max).exp()  # 0 for a rank with no vocab (max = -inf)
+    sums = torch.stack([sum_exp * rescale, sum_exp_l * rescale, picked])  # [3, T]
+    _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+    log_z = global_max + sums[0].log()
+    return log_z, sums[1] / sums[0], sums[2]
+
+
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size, use_triton):
         # hidden [T, H], weight [V, H] (valid rows only), targets [T] global ids
-        num_tokens = hidden.shape[0]
-        log_z = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [T]
-        mean_logit = torch.empty_like(log_z)  # [T] E_p[l]
-        target_logit = torch.empty_like(log_z)  # [T]
         local_targets = targets - vocab_start  # [T]
         in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])  # [T]
-        safe_targets = torch.where(in_shard, local_targets, 0)
-        for start in range(0, num_tokens, chunk_size):
-            rows = slice(start, min(start + chunk_size, num_tokens))
-            logits = _chunk_logits(hidden[rows], weight, temperature)  # [c, V]
-            shard_max = logits.max(dim=-1).values if logits.shape[1] else \
-                torch.full((logits.shape[0],), -torch.inf, device=logits.device)
-            global_max = _all_reduce(shard_max, dist.ReduceOp.MAX, tp_group)  # [c]
-            logits.sub_(global_max.unsqueeze(-1))
-            picked = logits.gather(-1, safe_targets[rows].unsqueeze(-1)).squeeze(-1)  # [c]
-            exp = logits.exp()  # [c, V] (shifted logits stay in `logits`)
-            stacked = torch.stack([
-                exp.sum(-1),  # sum exp(l - max)
-                torch.bmm(exp.unsqueeze(1), logits.unsqueeze(2)).view(-1),  # sum exp(l - max) (l - max)
-                torch.where(in_shard[rows], picked, 0.0),  # (l_target - max) on the owning rank
-            ])  # [3, c]
-            del exp, logits
-            _all_reduce(stacked, dist.ReduceOp.SUM, tp_group)
-            sum_exp, sum_exp_l, picked = stacked
-            log_z[rows] = global_max + sum_exp.log()
-            mean_logit[rows] = global_max + sum_exp_l / sum_exp
-            target_logit[rows] = global_max + picked
-        ctx.save_for_backward(hidden, weight, safe_targets, in_shard, log_z, mean_logit)
-        ctx.temperature, ctx.tp_group, ctx.chunk_size = temperature, tp_group, chunk_size
+        local_targets = torch.where(in_shard, local_targets, -1)
+        if use_triton:
+            from megatron_s2l.algo import logprobs_triton
+
+            stats = logprobs_triton.forward_stats(hidden, weight, local_targets.int(), temperature)
+        else:
+            stats = _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chunk_size)
+        log_z, mean_logit, target_logit = _combine_ranks(*stats, tp_group)
+        ctx.save_for_backward(hidden, weight, local_targets, in_shard, log_z, mean_logit)
+        ctx.temperature, ctx.tp_group, ctx.chunk_size, ctx.use_triton = temperature, tp_group, chunk_size, use_triton
         ctx.set_materialize_grads(False)
         return target_logit - log_z, log_z - mean_logit
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, safe_targets, in_shard, log_z, mean_logit = ctx.saved_tensors
+        hidden, weight, local_targets, in_shard, log_z, mean_logit = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.use_triton:
+            return _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad_logprobs,
+                                    grad_entropy)
+        safe_targets = local_targets.clamp(min=0)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         num_tokens = hidden.shape[0]
@@ -98,7 +118,19 @@ class _FusedLogProbs(torch.autograd.Function):
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad_logprobs, grad_entropy):
+    from megatron_s2l.algo import logprobs_triton
+
+    zeros = torch.zeros_like(log_z)
+    grad_hidden, grad_weight = logprobs_triton.backward_grads(
+        hidden, weight, local_targets.int(), log_z, mean_logit,
+        zeros if grad_logprobs is None else grad_logprobs.float().contiguous(),
+        zeros if grad_entropy is None else grad_entropy.float().contiguous(), ctx.temperature)
+    _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
+    return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard):
@@ -129,6 +161,7 @@ def vocab_parallel_logprobs(
     vocab_size: Optional[int] = None,
     tp_group=None,
     chunk_size: int = 1024,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature).
 
@@ -136,6 +169,7 @@ def vocab_parallel_logprobs(
     global id `vocab_start`; rows at global ids >= `vocab_size` (vocab padding) are left out of the
     softmax. Returns fp32 (logprobs [T], entropy [T]); both are differentiable with respect to hidden
     and weight (the entropy term costs nothing when its gradient is not needed).
+    `impl`: "torch" (chunked), "triton" (fused kernels, logprobs_triton.py) or "auto" (triton on CUDA).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [T, H] and targets [T], got {tuple(hidden.shape)} and "
@@ -143,5 +177,16 @@ def vocab_parallel_logprobs(
     if vocab_size is not None:
         valid_rows = max(0, min(weight.shape[0], vocab_size - vocab_start))
         weight = weight[:valid_rows]
-    return _FusedLogProbs.apply(hidden, weight, targets, float(temperature), int(vocab_start), tp_group,
-                                int(chunk_size))
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"algorithm.logprob_impl={impl!r}: use auto, torch or triton")
+    use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda and _have_triton())
+    return _FusedLogProbs.apply(hidden.contiguous(), weight.contiguous(), targets, float(temperature),
+                                int(vocab_start), tp_group, int(chunk_size), use_triton)
+
+
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -128,7 +128,7 @@ class Learner:
             selected, weight, targets, temperature=self.cfg.rollout.temperature,
             vocab_start=tp_rank * weight.shape[0], vocab_size=self.args.vocab_size,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
-            chunk_size=self.cfg.algorithm.logprob_chunk_size)
+            chunk_size=self.cfg.algorithm.logprob_chunk_size, impl=self.cfg.algorithm.logprob_impl)
         full = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=hidden.device)
         return full.masked_scatter(batch.response_mask, logprobs), full.masked_scatter(batch.response_mask, entropy)
 
