@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# S2L-PO, the paper's main setting: Qwen3-1.7B-Base explorer -> Qwen3-8B-Base learner, DAPO-Math-17k,
+# G=16, T_mix=8, 16 steps of 1024 prompts (examples/configs/s2l_qwen3_8b.yaml).
+#
+#   bash examples/run_s2l_8b.sh --dry-run                     # print every command
+#   LEARNER=/ckpt/Qwen3-8B-Base EXPLORER=/ckpt/Qwen3-1.7B-Base DATA=/data/dapo.parquet \
+#     bash examples/run_s2l_8b.sh [key=value overrides]
+#   NNODES=2 NODE_RANK=$i MASTER_ADDR=node0 ROLLOUT_GPUS=0 ... (multi-node; see examples/lib/launch.sh)
+#
+# Node 0 builds the explorer pool once (an SGLang explorer server, when POOL has no manifest), then serves
+# the learner replica with SGLang on ROLLOUT_GPUS GPUs; torchrun starts the Megatron learner on the rest.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CONFIG=${CONFIG:-$HERE/configs/s2l_qwen3_8b.yaml}
+LEARNER=${LEARNER:-/models/Qwen3-8B-Base}
+EXPLORER=${EXPLORER:-/models/Qwen3-1.7B-Base}
+DATA=${DATA:-/data/dapo-math-17k.parquet}
+POOL=${POOL:-/pools/qwen3-1.7b-base-dapo}
+TP=${TP:-4}
+source "$HERE/lib/launch.sh"
+launch

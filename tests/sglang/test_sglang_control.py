@@ -1,0 +1,72 @@
+"""Pause / continue / abort / flush on a real server, with requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from megatron_s2l.rollout.sglang import SGLangEngine
+from megatron_s2l.rollout.types import SamplingParams
+
+pytestmark = pytest.mark.sglang
+
+LONG = SamplingParams(max_new_tokens=4000, temperature=1.0)  # far longer than any test waits
+SHORT = SamplingParams(max_new_tokens=4, temperature=1.0)
+PROMPT, OTHER = [9707, 11, 1879], [16, 17]
+
+
+async def _started(engine: SGLangEngine, prompt: list[int]) -> asyncio.Task:
+    task = asyncio.create_task(engine.generate([prompt], 1, LONG))
+    await asyncio.sleep(1.5)  # admitted and decoding
+    assert not task.done()
+    return task
+
+
+def test_pause_aborts_in_flight_holds_new_requests_and_resume_serves_them(main_server):
+    engine = SGLangEngine(main_server.url)  # pause_mode="abort", SGLang's default
+
+    async def scenario():
+        running = await _started(engine, PROMPT)
+        await engine.pause()
+        aborted = (await asyncio.wait_for(running, 30))[0][0]
+        held = asyncio.create_task(engine.generate([OTHER], 1, SHORT))
+        await asyncio.sleep(1.5)
+        was_held = not held.done()  # a request sent while paused waits; it is not refused
+        await engine.resume()
+        return aborted, was_held, (await asyncio.wait_for(held, 30))[0][0]
+
+    aborted, was_held, served = asyncio.run(scenario())
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.response_ids) < LONG.max_new_tokens
+    assert len(aborted.logprobs) == len(aborted.response_ids)  # the partial answer is usable
+    assert was_held and served.finish_reason == "length" and len(served.response_ids) == 4
+
+
+def test_retract_and_in_place_pauses_keep_requests_and_abort_ends_them(main_server):
+    engine = SGLangEngine(main_server.url)
+
+    async def scenario():
+        running = await _started(engine, PROMPT)
+        kept = []
+        for mode in ("retract", "in_place"):
+            await engine.pause(mode)
+            await asyncio.sleep(1.0)
+            kept.append(not running.done())  # neither mode ends the request
+            await engine.resume()
+        await asyncio.sleep(0.5)
+        await engine.abort()  # every request on the server
+        return kept, (await asyncio.wait_for(running, 30))[0][0]
+
+    kept, gen = asyncio.run(scenario())
+    assert kept == [True, True]
+    assert gen.finish_reason == "abort" and 0 < len(gen.response_ids) < LONG.max_new_tokens
+
+
+def test_flush_cache_when_idle_and_health(main_server):
+    engine = SGLangEngine(main_server.url)
+
+    async def scenario():
+        await engine.flush_cache()
+        return await engine.health()
+
+    assert asyncio.run(scenario()) is True
