@@ -222,6 +222,20 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass
+class RewardConfig:
+    scale: Literal["binary", "signed"] = "binary"
+    """binary: {0, 1}; signed: {-1, 1} (the paper's learner reward). The same for both sources."""
+    timeout_s: int = 5
+    """math-verify's budget per step (parse gold, parse answer, compare); a worker is killed after 3x + 2 s."""
+    num_workers: int = 2
+    """Scoring processes (0: score in the calling process)."""
+
+    def validate(self) -> None:
+        _check(self.timeout_s >= 1, "reward.timeout_s", self.timeout_s, "use a positive number of seconds")
+        _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "use >= 0")
+
+
+@dataclasses.dataclass
 class EvalConfig:
     path: str = ""
     """Held-out prompts scored with the learner replica during training (same formats as data.path)."""
@@ -310,6 +324,7 @@ class RunConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)

@@ -1,0 +1,138 @@
+"""`s2l` command line: train | pool | eval | convert | demo. Parses, builds, runs, closes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_s2l.config import ConfigError
+
+logger = logging.getLogger("megatron_s2l")
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this job (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this job (default 1)")
+
+
+def _add_convert(subparsers) -> None:
+    convert = subparsers.add_parser(
+        "convert", help="convert weights between Hugging Face and Megatron-Core",
+        description="Convert between HF safetensors and Megatron dist checkpoints (torch_dist, "
+                    "reshardable). Runs as one process, or under torchrun for TP x PP.")
+    sub = convert.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-megatron", help="HF checkpoint dir -> Megatron dist checkpoint")
+    to_mcore.add_argument("--hf", required=True, help="local HF checkpoint directory (config.json + safetensors)")
+    to_mcore.add_argument("--out", required=True, help="output checkpoint directory")
+    to_mcore.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                          help="parameter dtype in the checkpoint (auto: the HF config's)")
+    _add_parallel_args(to_mcore)
+    to_hf = sub.add_parser("megatron-to-hf", help="Megatron checkpoint (converted or trained) -> HF dir")
+    to_hf.add_argument("--ckpt", required=True, help="Megatron checkpoint directory (has s2l_model.json)")
+    to_hf.add_argument("--out", required=True, help="output HF checkpoint directory")
+    to_hf.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                       help="dtype of the exported tensors (auto: the checkpoint's)")
+    _add_parallel_args(to_hf)
+    convert.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_s2l import platform
+    from megatron_s2l.config import ModelConfig, ParallelConfig
+    from megatron_s2l.model import checkpoint_io, specs
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    platform.init_distributed(args.tp, args.pp)
+    try:
+        if args.direction == "hf-to-megatron":
+            hf_config = specs.load_hf_config(args.hf)
+            dtype = checkpoint_io.hf_dtype(hf_config) if args.dtype == "auto" else args.dtype
+            checkpoint_io.convert_hf_to_megatron(args.hf, args.out, ModelConfig(dtype=dtype), parallel)
+        else:
+            meta = checkpoint_io.read_checkpoint_meta(args.ckpt)
+            model_dtype = meta.get("dtype", "float32")
+            out_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+            checkpoint_io.convert_megatron_to_hf(args.ckpt, args.out, ModelConfig(dtype=model_dtype),
+                                                 parallel, dtype=out_dtype)
+    finally:
+        platform.destroy_distributed()
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", help="run S2L-PO (or plain GRPO with explorer.mode=off)",
+        description="Train with S2L-PO. Config from YAML plus key.sub=value overrides, e.g. "
+                    "`s2l train --config examples/configs/tiny_cpu.yaml steps=4 rollout.group_size=8`. "
+                    "Launch under torchrun for TP/PP/DP.")
+    train.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
+    train.add_argument("--resume", default=None,
+                       help="`auto` (latest checkpoint in checkpoint.dir) or a checkpoint directory")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML")
+    train.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from megatron_s2l.config import load_config
+    from megatron_s2l.train.trainer import run_training
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return run_training(load_config(args.config, overrides))
+
+
+def _add_pool(subparsers) -> None:
+    from megatron_s2l.rollout.pool_cli import add_pool_arguments
+
+    add_pool_arguments(subparsers)
+
+
+def _add_eval(subparsers) -> None:
+    from megatron_s2l.eval.runner import add_eval_arguments
+
+    add_eval_arguments(subparsers)
+
+
+def _add_demo(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="the CPU demo: toy models, explorer pool, S2L-PO vs GRPO, comparison and plots",
+        description="Runs the whole pipeline on a laptop-class CPU in minutes (same as `make demo`).")
+    demo.add_argument("--out", default="runs/demo", help="directory for models, pool, runs and plots")
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from megatron_s2l.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2l", description="megatron-s2l: S2L-PO on Megatron-Core")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
+    _add_pool(subparsers)
+    _add_eval(subparsers)
+    _add_convert(subparsers)
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Reading prompt rows (question + gold answer) from local JSONL, Parquet or HF `datasets` directories.
+
+Schemas, recognised per row:
+  plain        {"question": ..., "answer": ...}          (MATH-500, AIME; "problem" is accepted too)
+  gsm8k        {"question": ..., "answer": "... #### N"}  (gold = the number after ####)
+  dapo / verl  {"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}
+A malformed row stops the load with its file and line (`on_bad_row=error`) or is skipped and counted.
+Nothing is downloaded: paths must exist locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from megatron_s2l.reward.math import gsm8k_gold
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RawRow:
+    question: str
+    gold: str
+    where: str  # "file:line" for messages
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot be used; the message names the file, the line and the fix."""
+
+
+def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open() as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, BadRowError(f"{where}: not valid JSON ({err.msg})")
+
+
+def _rows_from_table(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(path))
+        if hasattr(dataset, "keys"):  # a DatasetDict: take its "train" split
+            dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset.keys()))]
+        rows = iter(dataset)
+    else:
+        import pyarrow.parquet as pq
+
+        rows = iter(pq.read_table(path).to_pylist())
+    for number, row in enumerate(rows, start=1):
+        yield f"{path}:row {number}", row
+
+
+def parse_row(row: Any, where: str) -> RawRow:
+    """One row in any supported schema -> (question, gold); BadRowError names what is missing."""
+    if isinstance(row, Exception):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRowError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "prompt" in row and "reward_model" in row:  # DAPO / verl
+        messages = row["prompt"]
+        if isinstance(messages, str):
+            question = messages
+        elif isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+            question = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
+        else:
+            question = None
+        gold = (row.get("reward_model") or {}).get("ground_truth")
+        if not isinstance(question, str) or gold is None:
+            raise BadRowError(f"{where}: a DAPO/verl row needs prompt=[{{role: user, content: ...}}] and "
+                              "reward_model.ground_truth")
+        return RawRow(question, str(gold), where)
+    question = row.get("question", row.get("problem"))
+    answer = row.get("answer", row.get("solution"))
+    if not isinstance(question, str) or not question.strip() or answer is None:
+        raise BadRowError(f"{where}: expected 'question' and 'answer' (or DAPO 'prompt' + "
+                          f"'reward_model.ground_truth'); found keys {sorted(row)}")
+    answer = str(answer)
+    if "####" in answer:  # GSM8K's worked solution
+        answer = gsm8k_gold(answer)
+    return RawRow(question, answer.strip(), where)
+
+
+def read_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[RawRow], int]:
+    """All usable rows of a file or dataset directory, and how many malformed rows were skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist (datasets must be local files: .jsonl, "
+                                ".parquet or a directory saved with datasets.save_to_disk)")
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        source = _rows_from_jsonl(path)
+    elif path.suffix == ".parquet" or path.is_dir():
+        source = _rows_from_table(path)
+    else:
+        raise ValueError(f"{path}: unknown dataset format {path.suffix!r}; use .jsonl, .parquet or a "
+                         "datasets directory")
+    rows, skipped = [], 0
+    for where, row in source:
+        try:
+            rows.append(parse_row(row, where))
+        except BadRowError as err:
+            if on_bad_row == "error":
+                raise BadRowError(f"{err} (set data.on_bad_row=skip to skip and count such rows)") from None
+            skipped += 1
+            logger.warning("skipping %s", err)
+    return rows, skipped

@@ -1,0 +1,132 @@
+"""`s2l pool build | inspect`: make an explorer pool from a run config, and look inside one.
+
+`build` reads the same YAML as `s2l train` (explorer.model_path, explorer.pool_path, explorer.n_per_prompt,
+explorer.temperature/top_p, rollout.max_response_length, data.*, seed), so the pool is made from exactly the
+prompts the run will train on. It samples with LocalEngine (transformers, CPU or one GPU) and resumes an
+interrupted build when rerun with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_pool_arguments(subparsers) -> None:
+    pool = subparsers.add_parser("pool", help="build or inspect an offline explorer pool",
+                                 description="The explorer's samples, generated once and reused by every "
+                                             "S2L-PO run (and learner) on the same prompts.")
+    sub = pool.add_subparsers(dest="pool_command", required=True)
+    build = sub.add_parser("build", help="sample explorer responses for every training prompt",
+                           description="e.g. `s2l pool build --config examples/configs/tiny_cpu.yaml "
+                                       "explorer.n_per_prompt=8`; rerun the same command to resume.")
+    build.add_argument("--config", help="run YAML (the same file `s2l train` uses)")
+    build.add_argument("--out", help="pool directory (default: explorer.pool_path)")
+    build.add_argument("--chunk-size", type=int, default=64, help="prompts per chunk file (default 64)")
+    build.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    build.add_argument("--batch-rows", type=int, default=64,
+                       help="sequences per forward pass (prompts x samples); lower it if memory runs out")
+    build.add_argument("--score", action="store_true",
+                       help="score the samples with the reward module, for pool statistics (training "
+                            "re-scores explorer samples anyway)")
+    build.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML")
+    build.set_defaults(handler=run_build)
+    inspect = sub.add_parser("inspect", help="manifest, statistics and example samples of a pool")
+    inspect.add_argument("path", help="pool directory")
+    inspect.add_argument("--learner-tokenizer", help="check the pool against this learner's tokenizer dir")
+    inspect.add_argument("--show", type=int, default=0, help="print this many samples of the first prompt")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.set_defaults(handler=run_inspect)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from megatron_s2l.config import load_config
+    from megatron_s2l.rollout.local import build_local_engine
+    from megatron_s2l.rollout.pool import build_pool
+    from megatron_s2l.rollout.types import SamplingParams
+
+    cfg = load_config(args.config, [*args.overrides, "explorer.mode=pool"]
+                      + ([f"explorer.pool_path={args.out}"] if args.out else []))
+    if not cfg.explorer.model_path:
+        raise ValueError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory")
+    prompts = _load_prompts(cfg)
+    engine = build_local_engine(cfg.explorer.model_path, device=args.device, max_batch_rows=args.batch_rows,
+                                seed=cfg.seed)
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length,
+                            temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, seed=cfg.seed)
+    build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
+               explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
+               dataset_name=cfg.data.path, scorer=_build_scorer() if args.score else None,
+               chunk_size=args.chunk_size, seed=cfg.seed)
+    print(f"explorer pool ready: {cfg.explorer.pool_path}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
+    from megatron_s2l.rollout.pool import CHUNKS, MANIFEST, ExplorerPool, tokenizer_hash
+
+    path = Path(args.path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} has no {MANIFEST}; is it a pool made by `s2l pool build`?")
+    manifest = json.loads((path / MANIFEST).read_text())
+    report: dict = {"manifest": manifest}
+    if args.learner_tokenizer:
+        learner_hash = tokenizer_hash(args.learner_tokenizer)
+        report["learner_tokenizer_hash"] = learner_hash
+        report["tokenizer_matches"] = learner_hash == manifest["tokenizer_hash"]
+    if manifest.get("status") == "complete":
+        pool = ExplorerPool.open(path, manifest["tokenizer_hash"])
+        report["stats"] = pool.stats()
+        if args.show and pool.num_prompts:
+            first = pool.table.column("prompt_id")[0].as_py()
+            mine = pool.table.filter(pc.equal(pool.table.column("prompt_id"), first))
+            rows = mine.slice(0, args.show).to_pylist()
+            report["samples"] = [{k: r[k] for k in ("prompt_id", "sample_index", "finish_reason", "reward",
+                                                     "answer", "text")} for r in rows]
+    else:
+        report["chunks_done"] = len(list((path / CHUNKS).glob("chunk-*.parquet")))
+    print(json.dumps(report, indent=2) if args.json else _describe(report))
+    return 0
+
+
+def _describe(report: dict) -> str:
+    m = report["manifest"]
+    lines = [f"explorer pool: {m['status']}, format {m['format_version']}, created {m['created']}",
+             f"  explorer       {m['explorer_model']} (engine {m['engine']})",
+             f"  tokenizer      {m['tokenizer_hash']}",
+             f"  dataset        {m['dataset_name'] or '-'} ({m['dataset_hash']}), {m['num_prompts']} prompts",
+             f"  sampling       n={m['n_per_prompt']} "
+             + " ".join(f"{k}={v}" for k, v in m["sampling"].items())]
+    if "tokenizer_matches" in report:
+        verdict = "matches" if report["tokenizer_matches"] else "DIFFERS: this learner cannot use the pool"
+        lines.append(f"  learner tok.   {report['learner_tokenizer_hash']} {verdict}")
+    if "chunks_done" in report:
+        lines.append(f"  progress       {report['chunks_done']}/{m['num_chunks']} chunks; "
+                     "rerun the build to resume")
+    lines += [f"  {k:<30} {v:.4g}" for k, v in report.get("stats", {}).items()]
+    for s in report.get("samples", []):
+        lines.append(f"--- {s['prompt_id']} #{s['sample_index']} {s['finish_reason']} reward={s['reward']} "
+                     f"answer={s['answer']!r}\n{s['text']}")
+    return "\n".join(lines)
+
+
+def _load_prompts(cfg):
+    """The run's training prompts as PromptRecords (data module: dataset, template, length filter)."""
+    from transformers import AutoTokenizer
+
+    from megatron_s2l.data import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path or cfg.explorer.model_path)
+    return list(load_prompts(cfg.data, tokenizer))
+
+
+def _build_scorer():
+    from megatron_s2l.reward import build_scorer
+
+    return build_scorer()

@@ -1,0 +1,59 @@
+"""`run_eval` with a real LocalEngine: files, pass@k consistent with the per-problem counts, CLI help."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from megatron_s2l.config import DataConfig, RewardConfig
+from megatron_s2l.data import load_prompts
+from megatron_s2l.eval.passk import pass_at_k
+from megatron_s2l.eval.runner import pass_ks, run_eval
+from megatron_s2l.reward import MathScorer
+from megatron_s2l.rollout.local import build_local_engine
+from megatron_s2l.rollout.types import SamplingParams
+from tests.utils import SHARED, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("eval_model"), num_hidden_layers=1, seed=11)
+
+
+def test_run_eval_writes_consistent_results(model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = load_prompts(DataConfig(path=str(SHARED / "data/aime24/test.jsonl"), template="qwen3_nothink",
+                                      max_prompt_length=4096), tokenizer)[:3]
+    engine = build_local_engine(model_dir, seed=0)
+    loop, scorer = asyncio.new_event_loop(), MathScorer(RewardConfig(num_workers=0))
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5, seed=1)
+    try:
+        summary = run_eval(engine, prompts, tokenizer, scorer, 4, tmp_path, "aime24", params, loop)
+    finally:
+        loop.close()
+    records = [json.loads(line) for line in (tmp_path / "aime24.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and summary == {k: v for k, v in
+                                             json.loads((tmp_path / "aime24.summary.json").read_text()).items()
+                                             if k != "benchmark"}
+    assert pass_ks(4) == [1, 2, 4] and pass_ks(16) == [1, 2, 4, 8, 16] and pass_ks(6) == [1, 2, 4, 6]
+    for record in records:
+        assert len(record["answers"]) == 4 and record["n"] == 4
+        assert record["pass@2"] == pass_at_k(4, record["correct"], 2)
+    assert summary["pass@1"] == sum(r["correct"] for r in records) / 12
+    assert sum(summary["finish_reasons"].values()) == 12
+    assert 0.0 <= summary["unique_answer_ratio"] <= 1.0
+
+
+def test_cli_subcommands_show_help(capsys):
+    from megatron_s2l.cli import build_parser
+
+    parser = build_parser()
+    for command in (["train"], ["pool", "build"], ["pool", "inspect"], ["eval"], ["convert", "hf-to-megatron"],
+                    ["convert", "megatron-to-hf"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: s2l" in capsys.readouterr().out
