@@ -77,7 +77,7 @@ def _add_train(subparsers) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from megatron_s2l.config import load_config
-    from megatron_s2l.train.trainer import run_training
+    from megatron_s2l.train.driver import run_training
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # megatron-core logs every parameter and its whole config at INFO
+        logging.getLogger("megatron.core").setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

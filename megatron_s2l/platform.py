@@ -118,7 +118,8 @@ def _quiet_expected_cpu_warnings() -> None:
     """Silence megatron-core notices that are expected without CUDA/TE/apex and not actionable."""
     for pattern in ("Apex is not installed", "Transformer Engine and Apex are not installed",
                     "full scope is deprecated", "Please use DTensor instead",
-                    "`load_state_dict` is deprecated"):
+                    "`load_state_dict` is deprecated", "`torch.distributed.reduce_scatter_tensor` is deprecated",
+                    "`torch.distributed.all_gather_into_tensor` is deprecated"):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage())  # CPU is the "GPU" RNG here

@@ -121,13 +121,15 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def format_progress(step: int, total: int, m: dict[str, float]) -> str:
-    """`step 3/16 | alpha 0.71 G_w/G_s 12/4 | acc exp 0.42 lrn 0.25 | kl ... | 12.1s (rollout 8.0 ...)`."""
+    """`step 3/16 | alpha 0.71 G_w/G_s 12/4 | reward ... | solved exp 0.42 lrn 0.25 | eval 0.31 | kl ... |
+    12.1s (rollout 8.0 ...)`."""
     timing = " ".join(f"{k.split('/')[1].removesuffix('_s')} {v:.1f}" for k, v in m.items()
                       if k.startswith("timing/") and k != "timing/step_s")
     return (f"step {step}/{total} | alpha {_fmt(m.get('schedule/alpha'), '.2f')} "
             f"G_w/G_s {int(m.get('schedule/G_w', 0))}/{int(m.get('schedule/G_s', 0))} | "
             f"reward exp {_fmt(m.get('reward/explorer_mean'))} lrn {_fmt(m.get('reward/learner_mean'))} | "
-            f"acc exp {_fmt(m.get('accuracy/explorer'))} lrn {_fmt(m.get('accuracy/learner'))} | "
+            f"solved exp {_fmt(m.get('success/explorer_rate'))} lrn {_fmt(m.get('success/learner_rate'))} | "
+            f"eval {_fmt(m.get('eval/accuracy'))} | "
             f"kl {_fmt(m.get('loss/kl'), '.2e')} clip {_fmt(m.get('loss/clip_frac'))} "
             f"ent {_fmt(m.get('loss/entropy'), '.2f')} | len {_fmt(m.get('response/mean_length'), '.0f')} | "
             f"{_fmt(m.get('throughput/tokens_per_s'), '.0f')} tok/s | "

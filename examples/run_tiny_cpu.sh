@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The CPU demo, stage by stage (what `make demo` runs). Minutes on 2 cores, no GPU, nothing downloaded.
+#
+#   bash examples/run_tiny_cpu.sh [OUT_DIR]        (default runs/demo)
+#
+# 1. toy world: a small explorer and a 4x larger learner (Qwen3 architecture, character tokenizer) trained
+#    from scratch on 1-3 digit addition; the explorer is trained longer, so it solves more.
+# 2. the explorer pool: the explorer's samples for every training prompt, generated once (S2L-PO's
+#    offline rollouts).
+# 3. S2L-PO: the Megatron-Core learner (gloo, CPU) trains on groups mixing pool samples and its own fresh
+#    samples (LocalEngine), the explorer share annealed from 1 to 0 over T_mix steps.
+# 4. GRPO: the same run with the explorer off.
+# 5. the comparison table (accuracy per step, rollout compute) and PNG plots.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/demo}
+PY=${PY:-.venv/bin/python}
+CONFIG=examples/configs/tiny_cpu.yaml
+COMMON=(model.path=$OUT/models/learner data.path=$OUT/models/data/train.jsonl eval.path=$OUT/models/data/test.jsonl
+        explorer.model_path=$OUT/models/explorer explorer.pool_path=$OUT/pool)
+
+echo "== 1/5 toy explorer and learner"
+[ -f "$OUT/models/learner/config.json" ] || $PY tools/make_toy_models.py --out "$OUT/models"
+echo "== 2/5 explorer pool"
+$PY -m megatron_s2l.cli pool build --config $CONFIG --score "${COMMON[@]}"
+echo "== 3/5 S2L-PO"
+$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" logging.run_dir=$OUT/s2l
+echo "== 4/5 GRPO baseline (same budget, explorer off)"
+$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" explorer.mode=off logging.run_dir=$OUT/grpo
+echo "== 5/5 comparison and plots"
+$PY tools/compare_runs.py "$OUT/s2l" "$OUT/grpo"
+$PY tools/plot_run.py "$OUT/s2l" "$OUT/grpo" --out "$OUT/plots"
+echo "done: $OUT/comparison.md, $OUT/plots/*.png"

@@ -1,0 +1,153 @@
+"""The S2L-PO training loop (the paper's Algorithm 1); plain GRPO is the same loop with explorer.mode=off.
+
+Every rank of the torchrun job runs `Trainer.run()`. The driver (global rank 0) draws prompts, collects
+and scores rollouts and builds the token batch; the batch is broadcast so that all ranks run the
+learner's log-prob passes and update together; then the new weights go to the learner replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2l.algo.advantages import advantages_for_groups
+from megatron_s2l.config import RunConfig
+from megatron_s2l.metrics.logger import MetricsLogger
+from megatron_s2l.train.batch import TrainBatch
+from megatron_s2l.train.checkpoint import Checkpointer
+from megatron_s2l.train.learner import Learner
+from megatron_s2l.train.weight_sync import WeightSync
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    # config
+    cfg: RunConfig
+    # components (driver-only ones are None on other ranks)
+    learner: Learner
+    rollout: Optional["RolloutSide"]
+    weight_sync: WeightSync
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    # state
+    step: int
+    stop_requested: bool
+
+    def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
+        self.cfg, self.learner, self.rollout = cfg, learner, rollout
+        self.weight_sync, self.checkpointer, self.metrics = weight_sync, checkpointer, metrics
+        self.step = step
+        self.stop_requested = False
+
+    def run(self) -> None:
+        """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
+        with _stop_on_sigterm(self):
+            while self.step < self.cfg.steps and not self.stop_requested:
+                step = self.step + 1
+                timer = _StepTimer()
+                with timer("rollout"):
+                    batch, metrics = self.rollout_batch(step)
+                with timer("logprob"):
+                    plan = self.learner.plan(batch)
+                    self.learner.compute_logprobs(plan)
+                    if self.learner.ref_model is not None:
+                        self.learner.compute_logprobs(plan, reference=True)
+                with timer("train"):
+                    metrics |= self.learner.train_step(plan)
+                with timer("sync"):
+                    metrics |= self.weight_sync.sync(self.learner, version=str(step))
+                self.step = step
+                metrics |= self.evaluate(step) | timer.metrics(batch)
+                self.metrics.log(step, metrics)
+                self.stop_requested = _any_rank(self.stop_requested)  # ranks must stop together
+                if self.cfg.checkpoint.every_steps and step % self.cfg.checkpoint.every_steps == 0:
+                    self.save()
+        if self.step == self.cfg.steps or self.stop_requested:
+            self.save()
+
+    def rollout_batch(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
+        """Driver: prompts -> groups (G_w explorer + G_s learner) -> rewards -> advantages -> batch;
+        every rank: the broadcast batch."""
+        metrics: dict[str, float] = {}
+        batch = TrainBatch.placeholder()
+        if self.rollout is not None:
+            groups, metrics = self.rollout.collect(step)
+            advantages, adv_metrics = advantages_for_groups(
+                groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std, self.cfg.algorithm.adv_eps)
+            batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
+            metrics |= adv_metrics | self.rollout.ledger.record(groups)
+        return batch.broadcast(src=0), metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.rollout is None or not self.rollout.eval_due(step, self.cfg.steps):
+            return {}
+        return self.rollout.evaluate()
+
+    def save(self) -> None:
+        state = self.rollout.state_dict() if self.rollout is not None else {}
+        state = _broadcast_object(state)
+        self.checkpointer.save(self.step, self.learner, state)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.rollout is not None:
+            self.rollout.close()
+
+
+class _StepTimer:
+    """Wall time per phase of one step, as timing/<phase>_s metrics plus tokens/s."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        begin = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - begin
+
+    def metrics(self, batch: TrainBatch) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"timing/{phase}_s": s for phase, s in self.seconds.items()}
+        out["timing/step_s"] = total
+        # response tokens sampled and trained on per second of the whole step
+        out["throughput/tokens_per_s"] = batch.num_response_tokens / total if total > 0 else 0.0
+        return out
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(trainer: Trainer):
+    """SIGTERM (preemption, scancel) finishes the current step, saves a checkpoint and exits."""
+    def request_stop(signum, frame):
+        logger.warning("SIGTERM: finishing step %d, then saving a checkpoint", trainer.step + 1)
+        trainer.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _broadcast_object(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,93 @@
+"""Learner -> learner replica after every update: HF-named full tensors streamed from the (TP/PP-sharded)
+Megatron model into the rollout engine, tagged with a weight version that each later sample records.
+
+Collective: every rank walks the tensor stream (TP all-gathers, PP broadcasts inside
+``convert.iter_hf_tensors``); only the driver hands tensors to the engine. Transports:
+  memory       LocalEngine in the driver process (tensors are copied into its model)
+  tensor       SGLang /update_weights_from_tensor (colocated; CPU tensors or CUDA IPC)
+  distributed  SGLang /update_weights_from_distributed (a broadcast group between driver and server)
+  disk         an HF checkpoint written to <run_dir>/weight_sync and /update_weights_from_disk
+The engine is paused around the update so no request samples from half-updated weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_s2l.model import checkpoint_io, convert
+from megatron_s2l.rollout.engine import RolloutEngine
+
+logger = logging.getLogger(__name__)
+
+
+class _Counted:
+    """Wraps the tensor stream to count what went through (for GB/s)."""
+
+    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]):
+        self._tensors = tensors
+        self.num_bytes = 0
+        self.num_tensors = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self._tensors:
+            self.num_bytes += tensor.numel() * tensor.element_size()
+            self.num_tensors += 1
+            yield name, tensor
+
+
+class WeightSync:
+    """Pushes the learner's weights to the learner-replica engine (the explorer is never synced)."""
+
+    def __init__(self, engine: Optional[RolloutEngine], mode: str, loop: Optional[asyncio.AbstractEventLoop],
+                 dtype: torch.dtype, staging_dir: Path, hf_dir: str | Path):
+        self.engine = engine  # None on non-driver ranks
+        self.mode = mode
+        self.loop = loop
+        self.dtype = dtype
+        self.staging_dir = staging_dir  # disk mode: complete HF checkpoints, one per version
+        self.hf_dir = hf_dir  # config and tokenizer files that go with each version
+
+    def sync(self, learner, version: str) -> dict[str, float]:
+        """Send the current weights as `version`; returns timing and bandwidth metrics (driver)."""
+        start = time.perf_counter()
+        stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype))
+        if self.engine is None:
+            for _ in stream:  # take part in the gathers; the driver sends
+                pass
+        else:
+            self.loop.run_until_complete(self._send(stream, version))
+        if dist.is_initialized():
+            dist.barrier()
+        seconds = time.perf_counter() - start
+        gigabytes = stream.num_bytes / 1e9
+        return {"sync/seconds": seconds, "sync/gigabytes": gigabytes,
+                "sync/gb_per_s": gigabytes / seconds if seconds > 0 else 0.0, "sync/tensors": stream.num_tensors}
+
+    async def _send(self, stream: _Counted, version: str) -> None:
+        await self.engine.pause()
+        try:
+            if self.mode == "disk":
+                target = self.staging_dir / f"version-{version}"
+                hf_config = json.loads((Path(self.hf_dir) / "config.json").read_text())
+                checkpoint_io.save_hf_checkpoint(iter(stream), target, hf_config, assets_from=self.hf_dir)
+                await self.engine.update_weights_from_path(str(target), version)
+                for old in self.staging_dir.glob("version-*"):
+                    if old != target:
+                        shutil.rmtree(old, ignore_errors=True)
+            else:
+                await self.engine.update_weights(iter(stream), version)
+        finally:
+            await self.engine.resume()
+        served = await self.engine.weight_version()
+        if served != version:
+            raise RuntimeError(f"weight sync to {self.engine.name}: the engine reports weight version {served!r} "
+                               f"after an update to {version!r}; is another trainer updating the same server?")

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Compare runs side by side from their metrics.jsonl: held-out accuracy per step, learner success,
+and the rollout compute each run spent. Prints a Markdown table and writes comparison.md next to the
+first run.
+
+    python tools/compare_runs.py runs/demo/s2l runs/demo/grpo
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron_s2l.metrics.runs import read_metrics
+
+
+def _cell(row: dict | None, key: str, spec: str = ".3f") -> str:
+    value = None if row is None else row.get(key)
+    return "-" if value is None else format(value, spec)
+
+
+def comparison_table(run_dirs: list[Path]) -> str:
+    runs = {d.name: {r["step"]: r for r in read_metrics(d)} for d in run_dirs}
+    steps = sorted({s for rows in runs.values() for s in rows})
+    names = list(runs)
+    lines = ["| step | " + " | ".join(f"{n} eval acc | {n} learner solved | {n} G_w/G_s" for n in names) + " |",
+             "|---" * (1 + 3 * len(names)) + "|"]
+    for step in steps:
+        cells = []
+        for name in names:
+            row = runs[name].get(step)
+            split = "-" if row is None else f"{int(row.get('schedule/G_w', 0))}/{int(row.get('schedule/G_s', 0))}"
+            cells += [_cell(row, "eval/accuracy"), _cell(row, "success/learner_rate"), split]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | final eval acc | best eval acc | learner tokens | explorer tokens | rollout FLOPs "
+                  "(online) vs GRPO |", "|---|---|---|---|---|---|"]
+    for name in names:
+        rows = [runs[name][s] for s in sorted(runs[name])]
+        evals = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy") is not None]
+        last = rows[-1]
+        saving = last.get("rollout/flops_saving_online", 0.0)
+        lines.append(f"| {name} | {_cell({'v': evals[-1] if evals else None}, 'v')} | "
+                     f"{_cell({'v': max(evals) if evals else None}, 'v')} | "
+                     f"{int(last.get('rollout/learner_tokens_total', 0))} | "
+                     f"{int(last.get('rollout/explorer_tokens_total', 0))} | {1 - saving:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    table = comparison_table(args.run_dirs)
+    print(table)
+    (args.run_dirs[0].parent / "comparison.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

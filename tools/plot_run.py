@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Plot a run's curves from metrics.jsonl: reward per source, alpha, accuracy, KL, entropy, length.
+
+    python tools/plot_run.py runs/demo/s2l [runs/demo/grpo ...] [--out DIR]
+
+Several run directories are drawn on the same axes (e.g. S2L-PO against its GRPO baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron_s2l.metrics.runs import read_metrics
+
+PANELS = [  # (file name, title, [(metric, label suffix)])
+    ("reward.png", "reward per source", [("reward/explorer_mean", "explorer"), ("reward/learner_mean", "learner")]),
+    ("alpha.png", "explorer share alpha", [("schedule/alpha", "")]),
+    ("accuracy.png", "accuracy", [("accuracy/learner", "learner samples"), ("eval/accuracy", "held-out")]),
+    ("kl.png", "KL to reference", [("loss/kl", "")]),
+    ("entropy.png", "entropy", [("loss/entropy", "")]),
+    ("length.png", "response length", [("response/mean_length", "")]),
+]
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {d.name: read_metrics(d) for d in run_dirs}
+    written = []
+    for file_name, title, series in PANELS:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for run_name, rows in runs.items():
+            for metric, label in series:
+                points = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+                if points:
+                    steps, values = zip(*points)
+                    ax.plot(steps, values, marker="o", label=f"{run_name} {label}".strip())
+                    drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / file_name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / file_name)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, help="where PNGs go (default: <first run>/plots)")
+    args = parser.parse_args()
+    written = plot_runs(args.run_dirs, args.out or args.run_dirs[0] / "plots")
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
