@@ -292,9 +292,12 @@ class CheckpointConfig:
     """How many checkpoints to keep."""
     resume: str = "none"
     """`none`, `auto` (latest in `dir`) or a checkpoint directory."""
+    exit_interval: int = 0
+    """Save and exit after this many steps of this process (time-boxed cluster jobs); 0: run to the end."""
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use >= 0")
+        _check(self.exit_interval >= 0, "checkpoint.exit_interval", self.exit_interval, "use >= 0 (0: off)")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "keep at least 1")
 
 

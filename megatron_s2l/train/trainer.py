@@ -48,6 +48,7 @@ class Trainer:
 
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
+        exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
         with _stop_on_sigterm(self):
             while self.step < self.cfg.steps and not self.stop_requested:
                 step = self.step + 1
@@ -66,7 +67,7 @@ class Trainer:
                 self.step = step
                 metrics |= self.evaluate(step) | timer.metrics(batch)
                 self.metrics.log(step, metrics)
-                self.stop_requested = _any_rank(self.stop_requested)  # ranks must stop together
+                self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
                 if self.cfg.checkpoint.every_steps and step % self.cfg.checkpoint.every_steps == 0:
                     self.save()
         if self.step == self.cfg.steps or self.stop_requested:

@@ -1,0 +1,56 @@
+"""`s2l train` end to end on CPU with the Megatron-Core learner and LocalEngine (toy models)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_s2l.rollout.schedule import AnnealSchedule
+from tests.e2e.conftest import TINY_CONFIG, read_rows, run_s2l, toy_overrides
+
+
+def _train(world, run_dir, nproc=1, **extra):
+    args = ["train", "--config", str(TINY_CONFIG), *toy_overrides(world, **extra), f"logging.run_dir={run_dir}"]
+    return run_s2l(args, nproc=nproc)
+
+
+def _check_schedule_and_sources(rows, group_size=4, t_mix=3, steps=4, kind="linear"):
+    schedule = AnnealSchedule(kind, group_size, t_mix, steps)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for row in rows:
+        g_w, g_s = schedule.split(row["step"])
+        assert (row["schedule/G_w"], row["schedule/G_s"]) == (g_w, g_s)
+        assert row["schedule/alpha"] == pytest.approx(schedule.alpha(row["step"]))
+        assert ("reward/explorer_mean" in row) == (g_w > 0) and ("reward/learner_mean" in row) == (g_s > 0)
+        assert (row["rollout/explorer_tokens"] > 0) == (g_w > 0)
+        assert row["rollout/num_samples"] == 4 * group_size
+        for key in ("loss/kl", "loss/clip_frac", "loss/entropy", "train/grad_norm", "timing/train_s",
+                    "timing/sync_s", "sync/gb_per_s", "response/mean_length", "throughput/tokens_per_s"):
+            assert key in row, key
+    assert "eval/accuracy" in rows[1] and "eval/accuracy" in rows[3]
+
+
+@pytest.mark.slow
+def test_s2l_po_tp1(toy_world, tmp_path):
+    result = _train(toy_world, tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
+    _check_schedule_and_sources(rows)
+    assert "step 4/4 | alpha 0.00 G_w/G_s 0/4" in result.stdout  # the progress line
+    assert rows[-1]["rollout/flops_saving_online"] > 0  # pool samples are free at training time
+    assert (tmp_path / "run" / "checkpoints" / "step_000004" / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_s2l_po_tp2_under_torchrun(toy_world, tmp_path):
+    _train(toy_world, tmp_path / "run", nproc=2, **{"parallel.tp": 2})
+    _check_schedule_and_sources(read_rows(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_grpo_only_and_per_source_modes(toy_world, tmp_path):
+    _train(toy_world, tmp_path / "grpo", **{"explorer.mode": "off"})
+    for row in read_rows(tmp_path / "grpo"):
+        assert (row["schedule/G_w"], row["schedule/G_s"]) == (0, 4) and "reward/explorer_mean" not in row
+        assert row["rollout/explorer_tokens_total"] == 0
+    _train(toy_world, tmp_path / "per_source", **{"algorithm.group_mode": "per_source", "schedule.kind": "step"})
+    _check_schedule_and_sources(read_rows(tmp_path / "per_source"), kind="step")

@@ -1,0 +1,132 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): Transformer Engine spec, FP8, the Triton log-prob
+kernels, CUDA-IPC weight sync into a real SGLang server, and the single-GPU tiny config end to end.
+
+Run on a GPU machine: `pytest -m gpu tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_s2l.config import ModelConfig, ParallelConfig
+from tests.unit.test_logprobs import assert_close_relative, make_case, reference
+from tests.utils import make_tiny_model
+
+pytestmark = pytest.mark.gpu
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory):
+    # dimensions that FP8 GEMMs accept (multiples of 16)
+    return make_tiny_model(tmp_path_factory.mktemp("gpu_model"), num_hidden_layers=2, hidden_size=256,
+                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def _logits(model_dir, impl: str) -> torch.Tensor:
+    from megatron_s2l.model import checkpoint_io, convert, specs
+
+    ckpt = checkpoint_io.HFCheckpoint(model_dir)
+    args = specs.model_args_from_hf(ckpt.hf_config)
+    model = specs.build_gpt_model(args, ModelConfig(dtype="bfloat16", transformer_impl=impl), ParallelConfig())
+    convert.load_hf_weights(model, ckpt.get, args)
+    ids = torch.randint(0, 1000, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    positions = torch.arange(32, device="cuda").expand(2, 32)
+    with torch.no_grad():
+        return model.eval()(ids, positions, None)[..., : args.vocab_size].float()
+
+
+@pytest.mark.skipif(not _have("transformer_engine"), reason="needs transformer-engine (the NGC container)")
+def test_te_spec_logits_match_local_spec(mcore_world1, gpu_model):
+    te, local = _logits(gpu_model, "transformer_engine"), _logits(gpu_model, "local")
+    assert (te - local).abs().max().item() < 0.05 * local.abs().max().item()  # bf16 kernels differ in rounding
+    assert (te.argmax(-1) == local.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.skipif(not _have("transformer_engine"), reason="needs transformer-engine (the NGC container)")
+def test_fp8_train_steps_track_bf16(mcore_world1, gpu_model):
+    from megatron_s2l.train.learner import build_learner
+    from tests.learner_fixtures import fixed_batch, learner_config
+
+    losses = {}
+    for name, extra in (("bf16", {}), ("fp8", {"model.fp8": "delayed"})):
+        cfg = learner_config(**{"model.dtype": "bfloat16", "model.transformer_impl": "transformer_engine",
+                                "optimizer.lr": 1e-4, "parallel.micro_batch_size": 4, **extra})
+        learner = build_learner(cfg, str(gpu_model))
+        history = []
+        for seed in range(3):
+            plan = learner.plan(fixed_batch(seq_len=32, seed=seed))
+            learner.compute_logprobs(plan)
+            learner.compute_logprobs(plan, reference=True)
+            history.append(learner.train_step(plan)["loss/total"])
+        losses[name] = history
+    assert all(abs(a - b) <= 0.05 * max(abs(a), 1e-3) for a, b in zip(losses["bf16"], losses["fp8"])), losses
+
+
+@pytest.mark.skipif(not _have("triton"), reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_logprobs_match_torch_and_fp64(dtype):
+    from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
+
+    case = make_case(tokens=1000, hidden=256, vocab=4999, padded=5120, temperature=0.8)
+    expected = reference(case)
+    outputs = {}
+    for impl in ("triton", "torch"):
+        hidden = case["hidden"].to("cuda", dtype).requires_grad_()
+        weight = case["weight"].to("cuda", dtype).requires_grad_()
+        logprobs, entropy = vocab_parallel_logprobs(hidden, weight, case["targets"].cuda(), temperature=0.8,
+                                                    vocab_size=case["vocab_size"], impl=impl)
+        (logprobs * case["g_logprobs"].cuda().float() + entropy * case["g_entropy"].cuda().float()).sum().backward()
+        outputs[impl] = [t.detach().cpu() for t in (logprobs, entropy, hidden.grad, weight.grad)]
+    rel = 1e-4 if dtype == torch.float32 else 3e-2  # TF32/bf16 matmuls
+    for actual, name in zip(outputs["triton"], ("logprobs", "entropy", "grad_hidden", "grad_weight")):
+        assert_close_relative(actual, expected[name], rel=rel)
+    for ours, torchs in zip(outputs["triton"], outputs["torch"]):
+        assert_close_relative(ours, torchs.double(), rel=rel)
+
+
+@pytest.mark.skipif(not _have("sglang"), reason="needs SGLang on this GPU machine")
+def test_cuda_ipc_tensor_sync_into_sglang(tmp_path):
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_s2l.rollout.sglang import SGLangEngine
+    from megatron_s2l.rollout.sglang_launch import launch_server
+    from megatron_s2l.rollout.types import SamplingParams
+
+    old = make_tiny_model(tmp_path / "old", num_hidden_layers=2, seed=1, initializer_range=0.5)
+    new = make_tiny_model(tmp_path / "new", num_hidden_layers=2, seed=2, initializer_range=0.5)
+    prompt = [[9707, 11, 1879, 0]]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    loop = asyncio.new_event_loop()
+    with launch_server(old, device="cuda", dtype="bfloat16", python="python") as server:
+        engine = SGLangEngine(server.url, update_mode="tensor")
+        tensors = [(k, v.to("cuda", torch.bfloat16)) for k, v in
+                   AutoModelForCausalLM.from_pretrained(new).state_dict().items()]
+        loop.run_until_complete(engine.update_weights(tensors, "v2"))
+        out = loop.run_until_complete(engine.generate(prompt, 1, greedy))[0][0]
+        assert loop.run_until_complete(engine.weight_version()) == "v2"
+    reference_model = AutoModelForCausalLM.from_pretrained(new, dtype=torch.bfloat16).cuda()
+    expected = reference_model.generate(torch.tensor(prompt).cuda(), max_new_tokens=8, do_sample=False)
+    assert out.response_ids == expected[0, 4:].tolist()
+
+
+def test_tiny_1gpu_config_end_to_end(tmp_path):
+    from megatron_s2l.toy import make_toy_world
+    from tests.e2e.conftest import read_rows, run_s2l
+
+    world = make_toy_world(tmp_path / "models", explorer_steps=300, learner_steps=100, num_train=64, num_test=16)
+    overrides = [f"model.path={world['learner']}", f"data.path={world['train']}", f"eval.path={world['test']}",
+                 f"explorer.model_path={world['explorer']}", f"explorer.pool_path={tmp_path / 'pool'}",
+                 "steps=3", "schedule.t_mix=2", f"logging.run_dir={tmp_path / 'run'}"]
+    run_s2l(["pool", "build", "--config", "examples/configs/tiny_1gpu.yaml", *overrides])
+    run_s2l(["train", "--config", "examples/configs/tiny_1gpu.yaml", *overrides])
+    rows = read_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/skipped_updates"] == 0 for r in rows)
