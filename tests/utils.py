@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TINY_CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
 
 def package_dir(name: str) -> Path:
@@ -97,8 +99,6 @@ def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
     transformers refuses `save_pretrained` on GGUF-loaded models, so write the state dict ourselves,
     dropping the tied lm_head (it is the embedding) and the GGUF quantization entry of the config.
     """
-    import json
-
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,3 +117,37 @@ def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def toy_overrides(world: dict, **extra) -> list[str]:
+    values = {"model.path": world["learner"], "data.path": world["train"], "eval.path": world["test"],
+              "explorer.model_path": world["explorer"], "explorer.pool_path": world["pool"],
+              "steps": 4, "schedule.t_mix": 3, "rollout.group_size": 4, "rollout.prompts_per_step": 4,
+              "parallel.micro_batch_size": 4, "optimizer.mini_batches_per_step": 1, "eval.every_steps": 2,
+              "eval.max_prompts": 8, "reward.num_workers": 0, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_s2l(args: list[str], timeout: int = 600, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """`s2l ...` in a fresh process (under torchrun when nproc > 1), killed on timeout."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_s2l.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "megatron_s2l.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"s2l {' '.join(args[:2])} timed out after {timeout}s:\n{out[-5000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"s2l {' '.join(args[:2])} failed (rc={proc.returncode}):\n{out[-8000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -54,6 +54,7 @@ class RolloutSide:
         groups, metrics = self.collector.collect(prompts, step)
         kept = groups[: len(groups) - len(groups) % self.groups_multiple]
         metrics["rollout/num_groups_trimmed"] = float(len(groups) - len(kept))
+        metrics |= _weight_versions(kept)
         if not kept:
             raise RuntimeError(f"step {step}: dynamic sampling kept {len(groups)} groups, fewer than the "
                                f"{self.groups_multiple} the learner layout needs; raise rollout.max_oversample_rounds")
@@ -104,6 +105,13 @@ class RolloutSide:
                 loop.run_until_complete(engine.close())
         self.scorer.close()
         self.collector.close()
+
+
+def _weight_versions(groups: list[Group]) -> dict[str, float]:
+    """Oldest weight version behind this step's learner samples (the replica's staleness, in steps)."""
+    versions = [s.weight_version for g in groups for s in g.samples if s.source == "learner"]
+    numeric = [float(v) for v in versions if v.isdigit()]
+    return {"rollout/learner_weight_version": min(numeric)} if numeric else {}
 
 
 # ---------------------------------------------------------------------------------------------

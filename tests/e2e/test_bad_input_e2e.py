@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import TINY_CONFIG, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, run_s2l, toy_overrides
 from tests.utils import free_port, make_tiny_model
 
 

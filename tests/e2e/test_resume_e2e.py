@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import TINY_CONFIG, read_rows, run_s2l, toy_overrides
-from tests.utils import REPO
+from tests.utils import REPO, TINY_CONFIG, read_rows, run_s2l, toy_overrides
 
 NOT_COMPARED = ("timing/", "throughput/", "sync/seconds", "sync/gb_per_s", "time")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_s2l.rollout.schedule import AnnealSchedule
-from tests.e2e.conftest import TINY_CONFIG, read_rows, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, read_rows, run_s2l, toy_overrides
 
 
 def _train(world, run_dir, nproc=1, **extra):

@@ -120,7 +120,7 @@ def test_cuda_ipc_tensor_sync_into_sglang(tmp_path):
 
 def test_tiny_1gpu_config_end_to_end(tmp_path):
     from megatron_s2l.toy import make_toy_world
-    from tests.e2e.conftest import read_rows, run_s2l
+    from tests.utils import read_rows, run_s2l
 
     world = make_toy_world(tmp_path / "models", explorer_steps=300, learner_steps=100, num_train=64, num_test=16)
     overrides = [f"model.path={world['learner']}", f"data.path={world['train']}", f"eval.path={world['test']}",

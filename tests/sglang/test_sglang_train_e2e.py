@@ -1,0 +1,36 @@
+"""`s2l train` against real SGLang servers on CPU: the learner replica is updated every step through
+the distributed (gloo) path and serves the new version; the online explorer is never touched."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from megatron_s2l.rollout import sglang_launch
+from tests.utils import TINY_CONFIG, read_rows, run_s2l, toy_overrides
+
+pytestmark = pytest.mark.sglang
+
+
+def _version(server) -> str:
+    return httpx.get(server.url + "/model_info", timeout=10).json()["weight_version"]
+
+
+def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_path):
+    launch = dict(dtype="float32", log_dir=tmp_path, startup_timeout_s=300, max_lifetime_s=1800)
+    with sglang_launch.launch_server(toy_world["learner"], **launch) as replica, \
+            sglang_launch.launch_server(toy_world["explorer"], **launch) as explorer:
+        explorer_version = _version(explorer)
+        overrides = toy_overrides(toy_world, **{
+            "rollout.engine": "sglang", "rollout.learner_url": replica.url, "rollout.weight_sync": "distributed",
+            "explorer.mode": "online", "explorer.url": explorer.url, "steps": 3, "schedule.t_mix": 2,
+            "eval.every_steps": 0})
+        run_s2l(["train", "--config", str(TINY_CONFIG), *overrides, f"logging.run_dir={tmp_path / 'run'}"],
+                timeout=900)
+        assert _version(replica) == "3"  # synced after every step, the last one is served
+        assert _version(explorer) == explorer_version  # the explorer is frozen
+    rows = read_rows(tmp_path / "run")
+    assert [(r["schedule/G_w"], r["schedule/G_s"]) for r in rows] == [(4, 0), (0, 4), (0, 4)]
+    # the learner samples of step k come from the weights synced after step k - 1
+    assert [r.get("rollout/learner_weight_version") for r in rows[1:]] == [1.0, 2.0]
+    assert all(r["sync/gigabytes"] > 0 for r in rows)
