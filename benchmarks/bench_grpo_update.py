@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import shutil
 import tempfile
 import time
 
 import torch
+from common import in_fresh_process  # benchmarks/ is the script's directory
 
 SHAPES = {
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -33,7 +33,7 @@ def _peak(name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def _run(precision: str, args: argparse.Namespace, model_dir: str, queue) -> None:
+def run_precision(precision: str, args: argparse.Namespace, model_dir: str) -> dict:
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
     from megatron_s2l.train.batch import TrainBatch
@@ -76,21 +76,10 @@ def _run(precision: str, args: argparse.Namespace, model_dir: str, queue) -> Non
     attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * args.seq_len * tokens
     flops = (6 + 2 + 2) * params * tokens + attention * (10 / 6)
     peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
-    queue.put({"precision": precision, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-               "tflops": round(flops / seconds / 1e12, 2),
-               "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-               "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None})
     platform.destroy_distributed()
-
-
-def measure(precision: str, args, model_dir: str) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(precision, args, model_dir, queue))
-    proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
-    return result
+    return {"precision": precision, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "tflops": round(flops / seconds / 1e12, 2), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
 
 def main() -> None:
@@ -109,10 +98,10 @@ def main() -> None:
 
     model_dir = tempfile.mkdtemp(prefix="bench_update_")
     AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(model_dir)
-    results = {"bf16": measure("bf16", args, model_dir)}
+    results = {"bf16": in_fresh_process(run_precision, "bf16", args, model_dir)}
     have_te = torch.cuda.is_available() and __import__("importlib").util.find_spec("transformer_engine")
     if have_te:
-        results["fp8"] = measure("fp8", args, model_dir)
+        results["fp8"] = in_fresh_process(run_precision, "fp8", args, model_dir)
         results["fp8_speedup_vs_bf16"] = round(results["bf16"]["seconds"] / results["fp8"]["seconds"], 3)
     print(json.dumps({"benchmark": "grpo_update", "shape": args.shape, "sequences": args.sequences,
                       "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if torch.cuda.is_available()

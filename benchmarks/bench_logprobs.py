@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import resource
 import time
 
 import torch
+from common import in_fresh_process  # benchmarks/ is the script's directory
 
 
 def materialized(hidden, weight, targets, temperature):
@@ -40,7 +40,7 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def _run_variant(name: str, args: argparse.Namespace, queue) -> None:
+def run_variant(name: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -69,17 +69,7 @@ def _run_variant(name: str, args: argparse.Namespace, queue) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    queue.put({"seconds": min(times), "peak_bytes": max(_peak_bytes(args.device) - base, 1)})
-
-
-def measure(name: str, args: argparse.Namespace) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run_variant, args=(name, args, queue))
-    proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
-    return result
+    return {"seconds": min(times), "peak_bytes": max(_peak_bytes(args.device) - base, 1)}
 
 
 def main() -> None:
@@ -97,7 +87,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line (the default output)")
     args = parser.parse_args()
 
-    theirs, ours = measure("materialized", args), measure("fused", args)
+    theirs, ours = in_fresh_process(run_variant, "materialized", args), in_fresh_process(run_variant, "fused", args)
     report = {
         "benchmark": "logprobs_entropy_fwd_bwd",
         "shape": {"tokens": args.tokens, "hidden": args.hidden, "vocab_per_rank": args.vocab // args.tp,

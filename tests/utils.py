@@ -74,23 +74,33 @@ def free_port() -> int:
     return _free_port()
 
 
-def run_torchrun(script: str | Path, nproc: int, args: list[str] = (), timeout: int = 600,
-                 env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun on a free port with one torch thread per rank; kill on timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *map(str, args)]
+def torchrun_prefix(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}"]
+
+
+def run_process(cmd: list[str], what: str, timeout: int, check: bool = True, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session with one torch thread per process; kill the whole group on timeout."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=REPO, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"torchrun {script} timed out after {timeout}s:\n{out[-5000:]}")
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} failed (rc={proc.returncode}):\n{out[-8000:]}")
+        raise AssertionError(f"{what} timed out after {timeout}s:\n{out[-5000:]}")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{what} failed (rc={proc.returncode}):\n{out[-8000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def run_torchrun(script: str | Path, nproc: int, args: list[str] = (), timeout: int = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun on a free port; kill on timeout."""
+    return run_process([*torchrun_prefix(nproc), str(script), *map(str, args)], f"torchrun {script}", timeout,
+                       env=env)
 
 
 def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
@@ -130,23 +140,8 @@ def toy_overrides(world: dict, **extra) -> list[str]:
 
 def run_s2l(args: list[str], timeout: int = 600, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """`s2l ...` in a fresh process (under torchrun when nproc > 1), killed on timeout."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_s2l.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "megatron_s2l.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"s2l {' '.join(args[:2])} timed out after {timeout}s:\n{out[-5000:]}")
-    if check and proc.returncode != 0:
-        raise AssertionError(f"s2l {' '.join(args[:2])} failed (rc={proc.returncode}):\n{out[-8000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    prefix = [*torchrun_prefix(nproc), "-m"] if nproc > 1 else [sys.executable, "-m"]
+    return run_process([*prefix, "megatron_s2l.cli", *args], f"s2l {' '.join(args[:2])}", timeout, check)
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:

@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo/models", help="output directory")
     parser.add_argument("--explorer-steps", type=int, default=1500, help="supervised steps for the explorer")
-    parser.add_argument("--learner-steps", type=int, default=400, help="supervised steps for the learner")
+    parser.add_argument("--learner-steps", type=int, default=600, help="supervised steps for the learner")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

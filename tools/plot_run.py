@@ -16,7 +16,7 @@ from megatron_s2l.metrics.runs import read_metrics
 PANELS = [  # (file name, title, [(metric, label suffix)])
     ("reward.png", "reward per source", [("reward/explorer_mean", "explorer"), ("reward/learner_mean", "learner")]),
     ("alpha.png", "explorer share alpha", [("schedule/alpha", "")]),
-    ("accuracy.png", "accuracy", [("accuracy/learner", "learner samples"), ("eval/accuracy", "held-out")]),
+    ("accuracy.png", "accuracy", [("success/learner_rate", "learner samples solved"), ("eval/accuracy", "held-out")]),
     ("kl.png", "KL to reference", [("loss/kl", "")]),
     ("entropy.png", "entropy", [("loss/entropy", "")]),
     ("length.png", "response length", [("response/mean_length", "")]),
