@@ -38,6 +38,7 @@ setup(
             "gguf>=0.10",
             "accelerate>=1.0",
             "datasets>=3.0",
+            "tensorboard>=2.16",  # the TensorBoard metrics sink is tested
             "triton>=3.2; platform_system == 'Linux'",  # the log-prob kernels run on CPU in interpreter mode
         ],
         "logging": ["wandb>=0.18", "tensorboard>=2.16"],

@@ -45,7 +45,7 @@ def run_precision(precision: str, args: argparse.Namespace, model_dir: str) -> d
                  "parallel.micro_batch_size": args.micro_batch_size, "rollout.prompts_per_step": args.sequences,
                  "rollout.group_size": 1, "rollout.max_response_length": args.seq_len, "optimizer.lr": 1e-6}
     if precision == "fp8":
-        overrides |= {"model.fp8": "delayed", "model.transformer_impl": "transformer_engine"}
+        overrides |= {"model.fp8.recipe": "delayed", "model.transformer_impl": "transformer_engine"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     learner = build_learner(cfg, model_dir)
     gen = torch.Generator().manual_seed(0)

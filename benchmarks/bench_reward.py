@@ -13,18 +13,16 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
+from common import shared_data_dir  # benchmarks/ is the script's directory
 from megatron_s2l.config import RewardConfig
 from megatron_s2l.reward import MathScorer, gsm8k_gold
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def items(limit: int) -> tuple[list[str], list[str]]:
-    golds = []
+    golds, data = [], shared_data_dir()
     for name in ("math500", "aime24", "gsm8k"):
-        for line in (DATA / name / "test.jsonl").read_text().splitlines()[:limit]:
+        for line in (data / name / "test.jsonl").read_text().splitlines()[:limit]:
             row = json.loads(line)
             golds.append(gsm8k_gold(row["answer"]) if name == "gsm8k" else str(row["answer"]))
     responses = [f"Let me think.\nAnswer: {g}" for g in golds] + [f"Answer: {g} + 1" for g in golds]

@@ -22,6 +22,16 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass
+class FP8Config:
+    recipe: Literal["delayed", "tensorwise"] = "delayed"
+    """Transformer Engine FP8 scaling recipe for the learner's linear layers (H100)."""
+    margin: int = 0
+    """Scaling margin (delayed recipe)."""
+    amax_history: int = 1024
+    """Length of the amax history window (delayed recipe)."""
+
+
+@dataclasses.dataclass
 class ModelConfig:
     path: str = ""
     """Learner Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files)."""
@@ -33,12 +43,8 @@ class ModelConfig:
     """Pad the vocabulary to a multiple of this (padded rows are zero and masked out of log-probs)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: TE on CUDA when installed, megatron-core's local modules otherwise."""
-    fp8: Optional[Literal["delayed", "tensorwise"]] = None
-    """FP8 recipe for the learner's linear layers (H100 + Transformer Engine); null for BF16."""
-    fp8_margin: int = 0
-    """FP8 scaling margin (delayed recipe)."""
-    fp8_amax_history_len: int = 1024
-    """Length of the amax history window (delayed recipe)."""
+    fp8: Optional[FP8Config] = None
+    """FP8 training through Transformer Engine, e.g. {recipe: delayed}; null: BF16. Log-probs stay BF16/fp32."""
 
     def validate(self) -> None:
         _check(self.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
@@ -108,6 +114,8 @@ class RolloutConfig:
     """How new weights reach the learner replica: in memory (local), SGLang tensor/distributed/disk."""
     weight_sync_bucket_mb: int = 512
     """Bucket size for streamed weight updates."""
+    verify_weight_sync: bool = False
+    """After each sync, check bit for bit that the engine holds the learner's weights (LocalEngine)."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal and over-sample to refill the batch (DAPO)."""
     max_oversample_rounds: int = 3

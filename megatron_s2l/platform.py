@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,19 +163,19 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        # under torchrun MASTER_ADDR/PORT are set; a lone process picks a free port without touching the
+        # environment (child processes would inherit a port this process holds)
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         else:
             torch.set_num_threads(1)  # ranks share the CPU cores
             backend = "gloo"
-        dist.init_process_group(
-            backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
         raise ValueError(
@@ -212,16 +212,3 @@ def free_port() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-@contextlib.contextmanager
-def single_process_group(seed: int = 1234) -> Iterator[ParallelDims]:
-    """A world of one (TP=PP=DP=1) for tools and tests that run outside torchrun; reuses (and then
-    leaves alone) a world that already exists."""
-    created = not dist.is_initialized()
-    dims = init_distributed(1, 1, seed=seed)
-    try:
-        yield dims
-    finally:
-        if created:
-            destroy_distributed()

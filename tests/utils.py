@@ -14,7 +14,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+
+
+def _find_shared() -> Path:
+    """The project's shared folder (real datasets, recorded SGLang traffic): $S2L_SHARED_DIR, the clone's
+    sibling `../shared`, or the workplace's /work/shared (a clone made elsewhere, e.g. by CI)."""
+    candidates = [os.environ.get("S2L_SHARED_DIR"), REPO.parent / "shared", "/work/shared"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "data" / "gsm8k").is_dir():
+            return Path(candidate)
+    raise RuntimeError(f"the shared data folder is not at any of {candidates[1:]}; set S2L_SHARED_DIR")
+
+
+SHARED = _find_shared()
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
 
@@ -79,10 +91,18 @@ def torchrun_prefix(nproc: int) -> list[str]:
             f"--master-port={free_port()}"]
 
 
+def subprocess_env() -> dict[str, str]:
+    """This environment minus any process-group settings (a child must never reuse a parent's port),
+    with one torch thread and the repository importable."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def run_process(cmd: list[str], what: str, timeout: int, check: bool = True, env: dict | None = None
                 ) -> subprocess.CompletedProcess:
     """Run `cmd` in its own session with one torch thread per process; kill the whole group on timeout."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**subprocess_env(), **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                             cwd=REPO, start_new_session=True)
     try:

@@ -14,7 +14,6 @@ import collections
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 from megatron_s2l.eval.diversity import group_diversity
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
@@ -124,8 +123,3 @@ def _build_engine(args: argparse.Namespace) -> RolloutEngine:
     from megatron_s2l.rollout.local import build_local_engine
 
     return build_local_engine(args.model, seed=args.seed)
-
-
-def summary_line(summary: dict, ks: Optional[list[int]] = None) -> str:
-    ks = ks or pass_ks(summary["k"])
-    return " ".join(f"pass@{j} {summary[f'pass@{j}']:.3f}" for j in ks)

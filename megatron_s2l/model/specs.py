@@ -126,8 +126,11 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
     on_cuda = torch.cuda.is_available()
     fp8: dict[str, Any] = {}
     if model_cfg.fp8 is not None:
-        fp8 = dict(fp8="hybrid", fp8_recipe=model_cfg.fp8, fp8_margin=model_cfg.fp8_margin,
-                   fp8_amax_history_len=model_cfg.fp8_amax_history_len, fp8_param=False)
+        if not use_transformer_engine(model_cfg):
+            raise ConfigError("model.fp8 needs Transformer Engine layers on CUDA; install the [gpu] extra (or use "
+                              "the NGC container) or set model.fp8=null")
+        fp8 = dict(fp8="hybrid", fp8_recipe=model_cfg.fp8.recipe, fp8_margin=model_cfg.fp8.margin,
+                   fp8_amax_history_len=model_cfg.fp8.amax_history, fp8_param=False)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,

@@ -108,6 +108,13 @@ class LocalEngine:
     async def weight_version(self) -> str:
         return self._version
 
+    async def weights_digest(self, names: list[str]) -> str:
+        """blake2b over the named weights' bytes in `names` order (see train/weight_sync.py)."""
+        from megatron_s2l.train.weight_sync import tensor_digest
+
+        state = self._require_model().state_dict()
+        return tensor_digest((name, state[name]) for name in names)
+
     async def health(self) -> bool:
         return not self._closed
 

@@ -173,7 +173,7 @@ def build_rollout_side(cfg: RunConfig, learner_params: int, dp_size: int) -> Rol
     collector = build_collector(cfg.rollout, cfg.explorer, schedule, learner_engine, explorer, tokenizer, scorer,
                                 more_prompts=dataset.next_batch, seed=cfg.seed, loop=asyncio.new_event_loop())
     explorer_params = learner_params
-    if cfg.explorer.model_path:
+    if cfg.explorer.mode != "off" and cfg.explorer.model_path:
         explorer_params = specs.model_args_from_hf(specs.load_hf_config(cfg.explorer.model_path)).num_parameters
     ledger = RolloutLedger(learner_params=learner_params, explorer_params=explorer_params,
                            explorer_is_pool=cfg.explorer.mode == "pool")
@@ -192,7 +192,8 @@ def build_trainer(cfg: RunConfig, dims: platform.ParallelDims) -> Trainer:
     loop = rollout.collector.loop if rollout is not None else None
     engine = rollout.learner_engine if rollout is not None else None
     weight_sync = WeightSync(engine, cfg.rollout.weight_sync, loop, dtype=_engine_dtype(cfg),
-                             staging_dir=run_dir / "weight_sync", hf_dir=cfg.model.path)
+                             staging_dir=run_dir / "weight_sync", hf_dir=cfg.model.path,
+                             verify=cfg.rollout.verify_weight_sync)
     checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or run_dir / "checkpoints", hf_config,
                                 cfg.model.path)
     metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0())

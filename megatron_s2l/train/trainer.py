@@ -68,10 +68,9 @@ class Trainer:
                 metrics |= self.evaluate(step) | timer.metrics(batch)
                 self.metrics.log(step, metrics)
                 self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
-                if self.cfg.checkpoint.every_steps and step % self.cfg.checkpoint.every_steps == 0:
+                every = self.cfg.checkpoint.every_steps
+                if self.stop_requested or step == self.cfg.steps or (every and step % every == 0):
                     self.save()
-        if self.step == self.cfg.steps or self.stop_requested:
-            self.save()
 
     def rollout_batch(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
         """Driver: prompts -> groups (G_w explorer + G_s learner) -> rewards -> advantages -> batch;

@@ -13,6 +13,7 @@ The engine is paused around the update so no request samples from half-updated w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import shutil
@@ -30,36 +31,60 @@ logger = logging.getLogger(__name__)
 
 
 class _Counted:
-    """Wraps the tensor stream to count what went through (for GB/s)."""
+    """Wraps the tensor stream to count what went through (for GB/s) and, optionally, digest it."""
 
-    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]):
+    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]], digest: bool):
         self._tensors = tensors
         self.num_bytes = 0
         self.num_tensors = 0
+        self.names: list[str] = []
+        self._hash = hashlib.blake2b(digest_size=16) if digest else None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self._tensors:
             self.num_bytes += tensor.numel() * tensor.element_size()
             self.num_tensors += 1
+            self.names.append(name)
+            if self._hash is not None:
+                _update_digest(self._hash, name, tensor)
             yield name, tensor
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _update_digest(hasher, name: str, tensor: torch.Tensor) -> None:
+    hasher.update(name.encode())
+    hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The digest `verify=True` compares: names and exact bytes, in order."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        _update_digest(hasher, name, tensor)
+    return hasher.hexdigest()
 
 
 class WeightSync:
     """Pushes the learner's weights to the learner-replica engine (the explorer is never synced)."""
 
     def __init__(self, engine: Optional[RolloutEngine], mode: str, loop: Optional[asyncio.AbstractEventLoop],
-                 dtype: torch.dtype, staging_dir: Path, hf_dir: str | Path):
+                 dtype: torch.dtype, staging_dir: Path, hf_dir: str | Path, verify: bool = False):
         self.engine = engine  # None on non-driver ranks
         self.mode = mode
         self.loop = loop
         self.dtype = dtype
         self.staging_dir = staging_dir  # disk mode: complete HF checkpoints, one per version
         self.hf_dir = hf_dir  # config and tokenizer files that go with each version
+        self.verify = verify  # compare a digest of what was sent with what the engine holds
 
     def sync(self, learner, version: str) -> dict[str, float]:
         """Send the current weights as `version`; returns timing and bandwidth metrics (driver)."""
         start = time.perf_counter()
-        stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype))
+        stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype),
+                          digest=self.verify and self.engine is not None)
         if self.engine is None:
             for _ in stream:  # take part in the gathers; the driver sends
                 pass
@@ -71,6 +96,18 @@ class WeightSync:
         gigabytes = stream.num_bytes / 1e9
         return {"sync/seconds": seconds, "sync/gigabytes": gigabytes,
                 "sync/gb_per_s": gigabytes / seconds if seconds > 0 else 0.0, "sync/tensors": stream.num_tensors}
+
+    async def _verify(self, stream: _Counted) -> None:
+        """Bit-exact check that the engine now holds what the learner sent (engines that can read their
+        weights back: LocalEngine. SGLang 0.5.23 cannot for Qwen3, so there the version check remains)."""
+        if not hasattr(self.engine, "weights_digest"):
+            logger.warning("rollout.verify_weight_sync: %s cannot report its weights; only the version is checked",
+                           self.engine.name)
+            return
+        held = await self.engine.weights_digest(stream.names)
+        if held != stream.digest:
+            raise RuntimeError(f"weight sync to {self.engine.name}: the engine's weights differ from the learner's "
+                               f"after the update (digest {held} != {stream.digest}); the update was incomplete")
 
     async def _send(self, stream: _Counted, version: str) -> None:
         await self.engine.pause()
@@ -87,6 +124,8 @@ class WeightSync:
                 await self.engine.update_weights(iter(stream), version)
         finally:
             await self.engine.resume()
+        if self.verify:
+            await self._verify(stream)
         served = await self.engine.weight_version()
         if served != version:
             raise RuntimeError(f"weight sync to {self.engine.name}: the engine reports weight version {served!r} "

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.utils import REPO, TINY_CONFIG, read_rows, run_s2l, toy_overrides
+from tests.utils import REPO, TINY_CONFIG, read_rows, run_s2l, subprocess_env, toy_overrides
 
 NOT_COMPARED = ("timing/", "throughput/", "sync/seconds", "sync/gb_per_s", "time")
 
@@ -39,7 +39,7 @@ def test_resume_after_sigterm_saves_the_finished_step(toy_world, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
            *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -55,3 +55,26 @@ def test_resume_after_sigterm_saves_the_finished_step(toy_world, tmp_path):
     last = read_rows(run_dir)[-1]["step"]
     assert last < 50 and "SIGTERM" in out
     assert (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_at_a_different_tp_and_export_the_learner(toy_world, tmp_path):
+    """Two steps at TP=1, the rest at TP=2 (the model reshards, Adam restarts); the final checkpoint
+    exports to an HF directory that transformers loads and that differs from the starting learner."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    common = ["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world), f"logging.run_dir={tmp_path}"]
+    run_s2l([*common, "checkpoint.exit_interval=2"])
+    result = run_s2l([*common, "parallel.tp=2", "--resume", "auto"], nproc=2)
+    assert "the model is resharded" in result.stdout
+    assert [r["step"] for r in read_rows(tmp_path)] == [1, 2, 3, 4]
+    run_s2l(["convert", "megatron-to-hf", "--ckpt", str(tmp_path / "checkpoints" / "step_000004"),
+             "--out", str(tmp_path / "hf")])
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    initial = load_file(f"{toy_world['learner']}/model.safetensors")
+    assert set(exported) == set(initial)
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # trained
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # a complete HF checkpoint (config, tokenizer)

@@ -55,7 +55,7 @@ def test_fp8_train_steps_track_bf16(mcore_world1, gpu_model):
     from tests.learner_fixtures import fixed_batch, learner_config
 
     losses = {}
-    for name, extra in (("bf16", {}), ("fp8", {"model.fp8": "delayed"})):
+    for name, extra in (("bf16", {}), ("fp8", {"model.fp8.recipe": "delayed"})):
         cfg = learner_config(**{"model.dtype": "bfloat16", "model.transformer_impl": "transformer_engine",
                                 "optimizer.lr": 1e-4, "parallel.micro_batch_size": 4, **extra})
         learner = build_learner(cfg, str(gpu_model))

@@ -155,3 +155,15 @@ def test_convert_real_smollm2_checkpoint(mcore_world1, tmp_path):
         expected = reference(ids).logits
     assert (_logits(model, ids, args.vocab_size) - expected).abs().max().item() <= 1e-4
     assert (expected.argmax(-1) == _logits(model, ids, args.vocab_size).argmax(-1)).all()
+
+
+def test_fp8_without_transformer_engine_is_refused_clearly():
+    from megatron_s2l.config import ConfigError, FP8Config
+
+    args = specs.model_args_from_hf({"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 64,
+                                     "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 100})
+    cfg = ModelConfig(dtype="bfloat16", fp8=FP8Config(recipe="delayed"))
+    if specs.use_transformer_engine(ModelConfig()):
+        pytest.skip("this machine has Transformer Engine on CUDA (tests/gpu covers FP8 there)")
+    with pytest.raises(ConfigError, match="model.fp8 needs Transformer Engine"):
+        specs.transformer_config(args, cfg, ParallelConfig())

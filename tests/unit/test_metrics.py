@@ -1,0 +1,51 @@
+"""Metric sinks and the rollout-compute ledger."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_s2l.config import LoggingConfig
+from megatron_s2l.metrics.ledger import RolloutLedger
+from megatron_s2l.metrics.logger import build_metrics_logger, format_progress
+from megatron_s2l.metrics.runs import read_metrics
+from megatron_s2l.rollout.types import Group, Sample
+
+
+def _group(explorer_lengths, learner_lengths) -> Group:
+    samples = [Sample("p", [1], [0] * n, [0.0] * n, source="explorer") for n in explorer_lengths]
+    samples += [Sample("p", [1], [0] * n, [0.0] * n, source="learner") for n in learner_lengths]
+    return Group("p", [1], "1", samples)
+
+
+def test_ledger_counts_tokens_and_the_saving_against_grpo():
+    ledger = RolloutLedger(learner_params=800, explorer_params=100, explorer_is_pool=True)
+    step1 = ledger.record([_group([10, 10, 10], [10])])  # 30 explorer tokens, 10 learner tokens
+    assert (step1["rollout/explorer_tokens"], step1["rollout/learner_tokens"]) == (30, 10)
+    assert step1["rollout/flops_saving_online"] == pytest.approx(1 - 10 / 40)  # the pool was free
+    assert step1["rollout/flops_saving_total"] == pytest.approx(1 - (10 * 800 + 30 * 100) / (40 * 800))
+    step2 = ledger.record([_group([], [20, 20])])
+    assert step2["rollout/learner_tokens_total"] == 50 and step2["rollout/explorer_tokens_total"] == 30
+    restored = RolloutLedger(800, 100)
+    restored.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    assert restored.record([])["rollout/grpo_flops_total"] == step2["rollout/grpo_flops_total"]
+
+
+def test_jsonl_tensorboard_and_console(tmp_path, caplog):
+    cfg = LoggingConfig(run_dir=str(tmp_path), tensorboard=True)
+    metrics = build_metrics_logger(cfg, total_steps=2, config={}, is_driver=True)
+    with caplog.at_level("INFO"):
+        metrics.log(1, {"schedule/alpha": 1.0, "schedule/G_w": 8, "schedule/G_s": 0, "timing/step_s": 2.0,
+                        "timing/train_s": 1.0, "eval/accuracy": 0.25})
+        metrics.log(2, {"schedule/alpha": 0.0, "schedule/G_w": 0, "schedule/G_s": 8})
+    metrics.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert "step 1/2 | alpha 1.00 G_w/G_s 8/0" in caplog.text and "eval 0.250" in caplog.text
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert build_metrics_logger(cfg, 2, {}, is_driver=False).sinks == []  # other ranks log nothing
+
+
+def test_progress_line_tolerates_missing_metrics():
+    line = format_progress(3, 16, {})
+    assert line.startswith("step 3/16 | alpha - G_w/G_s 0/0")

@@ -1,0 +1,57 @@
+"""Weight sync from the Megatron learner into LocalEngine: memory and disk paths, versions, digests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from megatron_s2l.rollout.local import build_local_engine
+from megatron_s2l.rollout.types import SamplingParams
+from megatron_s2l.train.learner import build_learner
+from megatron_s2l.train.weight_sync import WeightSync
+from tests.learner_fixtures import fixed_batch, learner_config
+from tests.utils import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def trained(mcore_world1, tmp_path_factory):
+    """A learner one update away from its HF checkpoint, and that checkpoint's directory."""
+    hf_dir = make_tiny_model(tmp_path_factory.mktemp("sync_model"), num_hidden_layers=2, seed=9)
+    learner = build_learner(learner_config(**{"optimizer.lr": 1e-2}), str(hf_dir))
+    plan = learner.plan(fixed_batch())
+    learner.compute_logprobs(plan)
+    learner.compute_logprobs(plan, reference=True)
+    learner.train_step(plan)
+    return learner, hf_dir
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_sync_moves_the_learner_weights_into_the_engine(trained, tmp_path, mode):
+    learner, hf_dir = trained
+    engine = build_local_engine(hf_dir)
+    loop = asyncio.new_event_loop()
+    prompt, greedy = [[9707, 11, 1879, 0]], SamplingParams(max_new_tokens=6, temperature=0.0)
+    before = loop.run_until_complete(engine.generate(prompt, 1, greedy))[0][0].logprobs
+    sync = WeightSync(engine, mode, loop, torch.float32, tmp_path / "staging", hf_dir, verify=True)
+    metrics = sync.sync(learner, version="7")  # verify=True: the engine's bytes equal the learner's
+    after = loop.run_until_complete(engine.generate(prompt, 1, greedy))[0][0]
+    assert loop.run_until_complete(engine.weight_version()) == "7" and after.weight_version == "7"
+    assert after.logprobs != before  # the engine now serves the updated weights
+    assert metrics["sync/gigabytes"] > 0.01 and metrics["sync/tensors"] > 10
+    if mode == "disk":
+        assert [p.name for p in (tmp_path / "staging").iterdir()] == ["version-7"]
+
+
+def test_a_digest_mismatch_is_an_error(trained, tmp_path):
+    learner, hf_dir = trained
+    engine = build_local_engine(hf_dir)
+
+    async def wrong_digest(names):
+        return "0" * 32
+
+    engine.weights_digest = wrong_digest
+    sync = WeightSync(engine, "memory", asyncio.new_event_loop(), torch.float32, tmp_path, hf_dir, verify=True)
+    with pytest.raises(RuntimeError, match="differ from the learner's"):
+        sync.sync(learner, version="8")
