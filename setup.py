@@ -38,7 +38,8 @@ setup(
             "gguf>=0.10",
             "accelerate>=1.0",
             "datasets>=3.0",
-            "tensorboard>=2.16",  # the TensorBoard metrics sink is tested
+            "tensorboard>=2.16",  # the TensorBoard and wandb (offline) metrics sinks are tested
+            "wandb>=0.18",
             "triton>=3.2; platform_system == 'Linux'",  # the log-prob kernels run on CPU in interpreter mode
         ],
         "logging": ["wandb>=0.18", "tensorboard>=2.16"],

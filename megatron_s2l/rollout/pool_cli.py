@@ -27,6 +27,9 @@ def add_pool_arguments(subparsers) -> None:
     build.add_argument("--config", help="run YAML (the same file `s2l train` uses)")
     build.add_argument("--out", help="pool directory (default: explorer.pool_path)")
     build.add_argument("--chunk-size", type=int, default=64, help="prompts per chunk file (default 64)")
+    build.add_argument("--explorer-url", default=None,
+                       help="sample from this running SGLang server of the explorer (at scale) instead of loading "
+                            "explorer.model_path in-process")
     build.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     build.add_argument("--batch-rows", type=int, default=64,
                        help="sequences per forward pass (prompts x samples); lower it if memory runs out")
@@ -54,13 +57,19 @@ def run_build(args: argparse.Namespace) -> int:
     if not cfg.explorer.model_path:
         raise ValueError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory")
     prompts = _load_prompts(cfg)
-    engine = build_local_engine(cfg.explorer.model_path, device=args.device, max_batch_rows=args.batch_rows,
-                                seed=cfg.seed)
+    if args.explorer_url:
+        from megatron_s2l.rollout.sglang import SGLangEngine
+
+        engine = SGLangEngine(args.explorer_url, api_key=cfg.rollout.api_key,
+                              request_timeout_s=cfg.rollout.request_timeout_s, name="explorer")
+    else:
+        engine = build_local_engine(cfg.explorer.model_path, device=args.device, max_batch_rows=args.batch_rows,
+                                    seed=cfg.seed)
     params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length,
                             temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, seed=cfg.seed)
     build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
                explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
-               dataset_name=cfg.data.path, scorer=_build_scorer() if args.score else None,
+               dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
                chunk_size=args.chunk_size, seed=cfg.seed)
     print(f"explorer pool ready: {cfg.explorer.pool_path}")
     return 0
@@ -126,7 +135,7 @@ def _load_prompts(cfg):
     return list(load_prompts(cfg.data, tokenizer))
 
 
-def _build_scorer():
+def _build_scorer(cfg):
     from megatron_s2l.reward import build_scorer
 
-    return build_scorer()
+    return build_scorer(cfg.reward)

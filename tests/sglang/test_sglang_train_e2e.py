@@ -3,6 +3,8 @@ the distributed (gloo) path and serves the new version; the online explorer is n
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -29,6 +31,13 @@ def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_p
                 timeout=900)
         assert _version(replica) == "3"  # synced after every step, the last one is served
         assert _version(explorer) == explorer_version  # the explorer is frozen
+        # the same server builds an offline pool (what examples/lib/launch.sh does at scale)
+        pool = tmp_path / "sglang_pool"
+        run_s2l(["pool", "build", "--config", str(TINY_CONFIG), "--explorer-url", explorer.url,
+                 *toy_overrides(toy_world, **{"explorer.pool_path": pool, "explorer.n_per_prompt": 3})], timeout=900)
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["n_per_prompt"] == 3 and manifest["num_prompts"] >= 40
+    assert "sglang" in manifest["engine"] or "explorer" in manifest["engine"]
     rows = read_rows(tmp_path / "run")
     assert [(r["schedule/G_w"], r["schedule/G_s"]) for r in rows] == [(4, 0), (0, 4), (0, 4)]
     # the learner samples of step k come from the weights synced after step k - 1

@@ -56,3 +56,13 @@ def test_unknown_argument_is_refused():
     result = subprocess.run(["bash", "examples/run_s2l_8b.sh", "--frobnicate"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "unknown argument" in result.stderr
+
+
+@pytest.mark.parametrize("tool", ["convert_hf_to_megatron.py", "convert_megatron_to_hf.py", "build_explorer_pool.py",
+                                  "eval_passk.py", "make_toy_models.py", "plot_run.py", "compare_runs.py"])
+def test_tools_show_help(tool):
+    import sys
+
+    result = subprocess.run([sys.executable, f"tools/{tool}", "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]

@@ -49,3 +49,14 @@ def test_jsonl_tensorboard_and_console(tmp_path, caplog):
 def test_progress_line_tolerates_missing_metrics():
     line = format_progress(3, 16, {})
     assert line.startswith("step 3/16 | alpha - G_w/G_s 0/0")
+
+
+def test_wandb_sink_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = LoggingConfig(run_dir=str(tmp_path / "run"), wandb=True, wandb_mode="offline")
+    metrics = build_metrics_logger(cfg, total_steps=1, config={"steps": 1}, is_driver=True)
+    metrics.log(1, {"reward/learner_mean": 0.5, "schedule/alpha": 1.0})
+    metrics.close()
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file, ready for `wandb sync`
