@@ -110,6 +110,10 @@ def policy_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Tensor,
                  "loss/ppo_kl": -log_ratio, "loss/ratio": ratio}
     if kl is not None:
         per_token["loss/kl"] = kl
+    if inputs.behaviour_logprobs is not None:
+        # learner tokens: trainer vs rollout-engine mismatch (should be ~0); explorer tokens: how far the
+        # explorer's choices are from the learner's (the off-policy gap S2L-PO trains across)
+        per_token["loss/behaviour_gap"] = inputs.old_logprobs - inputs.behaviour_logprobs
     if inputs.entropy is not None:
         per_token["loss/entropy"] = inputs.entropy
     return loss, _metric_sums(per_token, mask, ratio, inputs.source)

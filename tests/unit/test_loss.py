@@ -139,10 +139,13 @@ def test_metrics_split_by_source():
     logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
     inputs = LossInputs(logprobs=logprobs, old_logprobs=logprobs - torch.tensor([[0.5, 0.0], [0.0, 0.0]]),
                         advantages=torch.tensor([1.0, 1.0]), mask=torch.ones(2, 2, dtype=torch.bool),
-                        weights=torch.full((2, 2), 0.25), source=torch.tensor([EXPLORER, LEARNER]))
+                        weights=torch.full((2, 2), 0.25), source=torch.tensor([EXPLORER, LEARNER]),
+                        behaviour_logprobs=torch.tensor([[-3.0, -3.0], [-1.0, -1.0]]))
     _, sums = policy_loss(inputs, cfg(dual_clip=None))
     metrics = finalize_metrics({k: v.item() for k, v in sums.items()})
     assert metrics["loss/clip_frac/explorer"] == 0.5 and metrics["loss/clip_frac/learner"] == 0.0
     assert metrics["loss/clip_frac"] == 0.25
     assert metrics["loss/ratio_max"] == pytest.approx(math.exp(0.5))
     assert metrics["tokens/explorer"] == 2 and metrics["tokens"] == 4
+    assert metrics["loss/behaviour_gap/learner"] == 0.0  # trainer and engine agree
+    assert metrics["loss/behaviour_gap/explorer"] == pytest.approx(((-1.5 + 3) + (-1 + 3)) / 2)
