@@ -2,7 +2,8 @@
 
 Layout of a pool directory:
   manifest.json              explorer, tokenizer hash, sampling params, dataset hash, counts, status
-  chunks/chunk-00000.parquet one row per sample; chunk i holds prompts [i*chunk_size, (i+1)*chunk_size)
+  chunks/chunk-00000.parquet one row per sample, one row group per prompt; chunk i holds prompts
+                             [i*chunk_size, (i+1)*chunk_size)
 
 Building writes one chunk at a time (temp file, then rename), so a crash loses at most the chunk in flight
 and rerunning the same build resumes after the last finished chunk. `ExplorerPool.open` refuses a pool
@@ -19,6 +20,8 @@ epoch/skip rule and the per-step replay (see `draw`) are ours.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -50,6 +53,8 @@ SCHEMA = pa.schema([
     ("weight_version", pa.string()),
 ])
 # manifest keys that must agree for a rerun to resume an unfinished build
+INDEX_COLUMNS = ["prompt_id", "sample_index", "reward", "answer"]  # what ExplorerPool keeps in memory
+ROW_GROUP_CACHE = 8  # decoded row groups ExplorerPool keeps
 BUILD_SETTINGS = ("explorer_model", "tokenizer_hash", "sampling", "n_per_prompt", "chunk_size",
                   "dataset_hash", "scored")
 
@@ -200,7 +205,7 @@ async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, s
         generations = await engine.generate([list(r.prompt_ids) for r in records], n, params)
         table = _chunk_table(records, generations, tokenizer, scorer)
         tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=n)  # one row group per prompt: draws read just that
         os.replace(tmp, path)  # a chunk file exists only when complete
         logger.info("pool chunk %d/%d: %d prompts x %d samples in %.1f s", index + 1, manifest["num_chunks"],
                     len(records), n, time.perf_counter() - start)
@@ -234,28 +239,47 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class ExplorerPool:
-    """A finished pool, loaded into memory (Arrow: ~8 bytes per stored token plus text), with a cursor."""
+    """A finished pool with a draw cursor. Only an index is held in memory (prompt -> where its samples lie,
+    plus reward and answer for stats, ~100 bytes a sample); token ids and log-probs are read from the
+    Parquet row groups on demand, so a pool far larger than RAM (the paper's: 17k prompts x 32 samples
+    of up to 8k tokens) costs one row group per drawn prompt."""
 
     # config
     path: Path
     manifest: dict
     seed: int
-    # data
-    table: pa.Table
-    _rows: dict[str, list[int]]  # prompt_id -> table rows, by sample_index
+    # index
+    _files: list[pq.ParquetFile]
+    _group_starts: list[list[int]]  # per file: first row of each row group
+    _rows: dict[str, list[tuple[int, int]]]  # prompt_id -> (file, row) of its samples, by sample_index
+    _rewards: dict[str, list[Optional[float]]]
+    _answers: dict[str, list[Optional[str]]]
     # state: prompt_id -> [epoch, pos, last_step, epoch_before_last_step, pos_before_last_step]
     _cursor: dict[str, list[int]]
 
-    def __init__(self, path: Path, manifest: dict, table: pa.Table, seed: int):
-        self.path, self.manifest, self.table, self.seed = path, manifest, table, seed
-        self._rows = {}
-        for row, pid in enumerate(table.column("prompt_id").to_pylist()):
-            self._rows.setdefault(pid, []).append(row)
+    def __init__(self, path: Path, manifest: dict, files: list[Path], seed: int):
+        self.path, self.manifest, self.seed = path, manifest, seed
+        self._files = [pq.ParquetFile(f) for f in files]
+        self._group_starts = [np.cumsum([0] + [f.metadata.row_group(i).num_rows
+                                               for i in range(f.num_row_groups)]).tolist()
+                              for f in self._files]
+        entries = []  # (prompt_id, sample_index, file, row, reward, answer)
+        for file_index, file in enumerate(self._files):
+            index = file.read(columns=INDEX_COLUMNS).to_pydict()
+            entries += zip(index["prompt_id"], index["sample_index"], [file_index] * file.metadata.num_rows,
+                           range(file.metadata.num_rows), index["reward"], index["answer"])
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self._rows, self._rewards, self._answers = {}, {}, {}
+        for pid, _, file_index, row, reward, answer in entries:
+            self._rows.setdefault(pid, []).append((file_index, row))
+            self._rewards.setdefault(pid, []).append(reward)
+            self._answers.setdefault(pid, []).append(answer)
         self._cursor = {}
+        self._cache: collections.OrderedDict[tuple[int, int], pa.Table] = collections.OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path, expected_tokenizer_hash: str, seed: int = 0) -> "ExplorerPool":
-        """Load a complete pool; refuse one whose tokenizer differs from the learner's."""
+        """Open a complete pool; refuse one whose tokenizer differs from the learner's."""
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"{path} has no {MANIFEST}; build a pool with `s2l pool build`")
@@ -272,21 +296,27 @@ class ExplorerPool:
                 f"{manifest['explorer_model']}) differs from the learner's ({expected_tokenizer_hash}); its "
                 "token ids would mean different text. Build a pool with an explorer of the learner's family "
                 "(same tokenizer), or point explorer.pool_path at a pool built for this learner")
-        files = sorted((path / CHUNKS).glob("chunk-*.parquet"))
-        tables = [pq.read_table(f, schema=SCHEMA) for f in files]
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        if table.num_rows != manifest["num_samples"]:
-            raise ValueError(f"{path}: {table.num_rows} samples on disk, manifest says "
-                             f"{manifest['num_samples']}; the directory was altered, rebuild the pool")
-        table = table.sort_by([("prompt_id", "ascending"), ("sample_index", "ascending")])
-        return cls(path, manifest, table, seed)
+        pool = cls(path, manifest, sorted((path / CHUNKS).glob("chunk-*.parquet")), seed)
+        on_disk = sum(f.metadata.num_rows for f in pool._files)
+        if on_disk != manifest["num_samples"]:
+            raise ValueError(f"{path}: {on_disk} samples on disk, manifest says {manifest['num_samples']}; "
+                             "the directory was altered, rebuild the pool")
+        return pool
 
     @property
     def num_prompts(self) -> int:
         return len(self._rows)
 
+    @property
+    def num_samples(self) -> int:
+        return sum(len(rows) for rows in self._rows.values())
+
     def __contains__(self, prompt_id: str) -> bool:
         return prompt_id in self._rows
+
+    def samples(self, prompt_id: str) -> list[Sample]:
+        """Every stored sample of `prompt_id`, by sample index (for inspection; training uses `draw`)."""
+        return self._read(self._rows_of(prompt_id))
 
     def draw(self, prompt_id: str, k: int, step: int) -> list[Sample]:
         """k distinct samples of `prompt_id` for training step `step` (1-indexed), source "explorer".
@@ -295,10 +325,7 @@ class ExplorerPool:
         prompt again in the same step replays that step's draw (it does not consume more samples), so a
         retried step sees the same explorer samples.
         """
-        rows = self._rows.get(prompt_id)
-        if rows is None:
-            raise ValueError(f"prompt {prompt_id!r} is not in the explorer pool {self.path} (dataset "
-                             f"{self.manifest.get('dataset_name')!r}); build the pool from the training data")
+        rows = self._rows_of(prompt_id)
         if not 0 <= k <= len(rows):
             raise ValueError(f"asked for {k} explorer samples of {prompt_id!r}, the pool holds {len(rows)}; "
                              "build a pool with n_per_prompt >= G or lower rollout.group_size")
@@ -316,9 +343,36 @@ class ExplorerPool:
         if pos + k > len(rows):  # skip the leftovers: a draw never repeats a sample
             epoch, pos = epoch + 1, 0
         order = np.random.default_rng(derive_seed(self.seed, prompt_id, epoch)).permutation(len(rows))
-        picked = [rows[i] for i in order[pos:pos + k]]
         self._cursor[prompt_id] = [epoch, pos + k, step, *before]
-        return [_to_sample(r) for r in self.table.take(picked).to_pylist()]
+        return self._read([rows[i] for i in order[pos:pos + k]])
+
+    def _rows_of(self, prompt_id: str) -> list[tuple[int, int]]:
+        rows = self._rows.get(prompt_id)
+        if rows is None:
+            raise ValueError(f"prompt {prompt_id!r} is not in the explorer pool {self.path} (dataset "
+                             f"{self.manifest.get('dataset_name')!r}); build the pool from the training data")
+        return rows
+
+    def _read(self, locations: list[tuple[int, int]]) -> list[Sample]:
+        """Samples at (file, row) locations, in that order, reading only the row groups that hold them."""
+        out = []
+        for file_index, row in locations:
+            starts = self._group_starts[file_index]
+            group = bisect.bisect_right(starts, row) - 1
+            table = self._row_group(file_index, group)
+            out.append(_to_sample(table.slice(row - starts[group], 1).to_pylist()[0]))
+        return out
+
+    def _row_group(self, file_index: int, group: int) -> pa.Table:
+        """A decoded row group; the last few are kept (a prompt's samples share one in pools built here)."""
+        key = (file_index, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = self._files[file_index].read_row_group(group)
+            if len(self._cache) > ROW_GROUP_CACHE:
+                self._cache.popitem(last=False)
+        return self._cache[key]
 
     def state_dict(self) -> dict:
         return {"pool_id": self.manifest.get("pool_id"), "seed": self.seed,
@@ -336,23 +390,28 @@ class ExplorerPool:
 
     def prompt_stats(self) -> dict[str, dict[str, float]]:
         """Per prompt: num_samples, success_rate (reward > 0; None if unscored), unique_answers."""
-        rewards = self.table.column("reward").to_pylist()
-        answers = self.table.column("answer").to_pylist()
         out = {}
-        for pid, rows in self._rows.items():
-            scored = [rewards[r] for r in rows if rewards[r] is not None]
-            out[pid] = {"num_samples": len(rows),
+        for pid, rewards in self._rewards.items():
+            scored = [r for r in rewards if r is not None]
+            out[pid] = {"num_samples": len(rewards),
                         "success_rate": sum(r > 0 for r in scored) / len(scored) if scored else None,
-                        "unique_answers": len({answers[r] for r in rows if answers[r] is not None})}
+                        "unique_answers": len({a for a in self._answers[pid] if a is not None})}
         return out
 
     def stats(self) -> dict[str, float]:
-        """Flat pool metrics: sizes, lengths, truncation; success and diversity when scored."""
-        lengths = pc.list_value_length(self.table.column("response_ids"))
-        truncated = pc.equal(self.table.column("finish_reason"), "length")
-        out = {"pool/num_prompts": float(self.num_prompts), "pool/num_samples": float(self.table.num_rows),
-               "pool/mean_response_length": pc.mean(lengths).as_py() or 0.0,
-               "pool/truncated_frac": pc.mean(pc.cast(truncated, pa.float64())).as_py() or 0.0}
+        """Flat pool metrics: sizes, lengths, truncation; success and diversity when scored.
+
+        Lengths and finish reasons are streamed from disk one row group at a time.
+        """
+        tokens = truncated = 0
+        for file in self._files:
+            for group in range(file.num_row_groups):
+                table = file.read_row_group(group, columns=["response_ids", "finish_reason"])
+                tokens += pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0
+                truncated += pc.sum(pc.equal(table.column("finish_reason"), "length")).as_py() or 0
+        total = max(self.num_samples, 1)
+        out = {"pool/num_prompts": float(self.num_prompts), "pool/num_samples": float(self.num_samples),
+               "pool/mean_response_length": tokens / total, "pool/truncated_frac": truncated / total}
         per_prompt = self.prompt_stats().values()
         rates = [p["success_rate"] for p in per_prompt if p["success_rate"] is not None]
         if rates:

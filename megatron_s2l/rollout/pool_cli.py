@@ -76,8 +76,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-
     from megatron_s2l.rollout.pool import CHUNKS, MANIFEST, ExplorerPool, tokenizer_hash
 
     path = Path(args.path)
@@ -93,11 +91,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         pool = ExplorerPool.open(path, manifest["tokenizer_hash"])
         report["stats"] = pool.stats()
         if args.show and pool.num_prompts:
-            first = pool.table.column("prompt_id")[0].as_py()
-            mine = pool.table.filter(pc.equal(pool.table.column("prompt_id"), first))
-            rows = mine.slice(0, args.show).to_pylist()
-            report["samples"] = [{k: r[k] for k in ("prompt_id", "sample_index", "finish_reason", "reward",
-                                                     "answer", "text")} for r in rows]
+            first = min(pool.prompt_stats())
+            report["samples"] = [{"prompt_id": s.prompt_id, "sample_index": i, "finish_reason": s.finish_reason,
+                                  "reward": s.reward, "answer": s.answer, "text": s.text}
+                                 for i, s in enumerate(pool.samples(first)[:args.show])]
     else:
         report["chunks_done"] = len(list((path / CHUNKS).glob("chunk-*.parquet")))
     print(json.dumps(report, indent=2) if args.json else _describe(report))

@@ -125,7 +125,7 @@ def check_groups(groups, step, learner_version, explorer_version):
 
 def test_pool_mode_mixes_g_w_pool_and_g_s_learner_samples(engines, tokenizer, pool):
     collector = make_collector(engines[1], tokenizer, pool)
-    pool_responses = {tuple(r) for r in pool.table.column("response_ids").to_pylist()}
+    pool_responses = {tuple(s.response_ids) for p in PROMPTS for s in pool.samples(p.prompt_id)}
     for step in range(1, 6):
         if step == 3:  # a weight sync between steps: later learner samples carry the new version
             asyncio.run(engines[1].update_weights([], version="v3"))

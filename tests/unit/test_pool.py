@@ -4,18 +4,21 @@ cursor resume == uninterrupted, statistics."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import shutil
 import zlib
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 import torch
 
 from megatron_s2l.rollout.local import build_local_engine
 from megatron_s2l.rollout.pool import (CHUNKS, MANIFEST, ExplorerPool, PromptRecord, build_pool, dataset_hash,
                                        tokenizer_hash)
-from megatron_s2l.rollout.types import SamplingParams
+from megatron_s2l.rollout.types import Generation, SamplingParams
 from tests.utils import make_tiny_model, qwen3_tokenizer_dir
 
 N = 4  # samples per prompt
@@ -237,9 +240,45 @@ def test_bad_draws_name_the_fix(pool_dir, prompt_id, k, match):
         open_pool(pool_dir).draw(prompt_id, k, step=1)
 
 
+class LongResponseEngine:
+    """Returns long random responses at once: a pool whose token data dwarfs its index."""
+
+    name = "long"
+
+    async def generate(self, prompts, n, params):
+        rng = np.random.default_rng(len(prompts))
+        return [[Generation(rng.integers(0, 1000, 3000).tolist(), [-1.0] * 3000, "length", "0")
+                 for _ in range(n)] for _ in prompts]
+
+    async def weight_version(self):
+        return "0"
+
+
+def test_open_keeps_only_an_index_and_draws_read_one_prompts_row_group(explorer_dir, tmp_path, monkeypatch):
+    pool_dir = build(LongResponseEngine(), explorer_dir, tmp_path / "pool")
+    stored = pq.read_table(pool_dir / CHUNKS)
+    gc.collect()
+    before = pa.total_allocated_bytes()
+    pool = open_pool(pool_dir)
+    gc.collect()
+    assert pa.total_allocated_bytes() - before < stored.nbytes / 20  # token data stays on disk
+    assert pool.num_samples == stored.num_rows == 20
+
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **kw: read.append(original(self, i, *a, **kw)) or read[-1])
+    drawn = pool.draw("p3", 3, step=1)
+    assert len(read) == 1 and read[0].column("prompt_id").to_pylist() == ["p3"] * N
+    stored_p3 = [r for r in stored.to_pylist() if r["prompt_id"] == "p3"]
+    assert {tuple(s.response_ids) for s in drawn} <= {tuple(r["response_ids"]) for r in stored_p3}
+    assert [s.response_ids for s in pool.samples("p3")] == [r["response_ids"] for r in stored_p3]
+    assert len(read) == 1  # the same prompt again: served from the row-group cache
+
+
 def test_stats_per_prompt_and_overall(pool_dir):
     pool = open_pool(pool_dir)
-    rows = pool.table.to_pylist()
+    rows = pq.read_table(pool_dir / CHUNKS).to_pylist()
     per_prompt = pool.prompt_stats()
     for prompt in PROMPTS:
         mine = [r for r in rows if r["prompt_id"] == prompt.prompt_id]
