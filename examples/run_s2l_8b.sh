@@ -5,10 +5,11 @@
 #   bash examples/run_s2l_8b.sh --dry-run                     # print every command
 #   LEARNER=/ckpt/Qwen3-8B-Base EXPLORER=/ckpt/Qwen3-1.7B-Base DATA=/data/dapo.parquet \
 #     bash examples/run_s2l_8b.sh [key=value overrides]
-#   NNODES=2 NODE_RANK=$i MASTER_ADDR=node0 ROLLOUT_GPUS=0 ... (multi-node; see examples/lib/launch.sh)
+#   ROLE=rollout ... / ROLE=train ROLLOUT_ADDR=<rollout node> NNODES=.. NODE_RANK=.. MASTER_ADDR=.. (multi-node)
 #
 # Node 0 builds the explorer pool once (an SGLang explorer server, when POOL has no manifest), then serves
-# the learner replica with SGLang on ROLLOUT_GPUS GPUs; torchrun starts the Megatron learner on the rest.
+# the learner replica (one SGLang server per SGLANG_TP GPUs behind sglang-router) on its last ROLLOUT_GPUS
+# GPUs; torchrun starts the Megatron learner on the rest. See examples/lib/launch.sh for every variable.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONFIG=${CONFIG:-$HERE/configs/s2l_qwen3_8b.yaml}

@@ -1,22 +1,42 @@
-# Shared by examples/run_*.sh: start the rollout side (SGLang) on node 0, then the Megatron learner on
-# every node with torchrun. Everything below is an overridable environment variable; `--dry-run` prints
-# each command instead of running it. Source this file, set CONFIG/LEARNER/EXPLORER/..., call launch "$@".
+# Shared by examples/run_*.sh: start the rollout side (SGLang servers, sglang-router) and the Megatron
+# learner (torchrun). Everything below is an overridable environment variable; `--dry-run` prints each
+# command instead of running it. Source this file, set CONFIG/LEARNER/EXPLORER/..., call launch "$@".
+#
+# ROLE says what this node does:
+#   all      (default) node 0 serves rollouts on its last ROLLOUT_GPUS GPUs; every node trains on the rest
+#   rollout  serve rollouts on ROLLOUT_GPUS GPUs and wait (a dedicated rollout node)
+#   train    train only; first wait until the rollout side at ROLLOUT_ADDR answers
+# The rollout side, in order:
+#   1. explorer.mode=pool and no manifest at POOL: an explorer server on all rollout GPUs, `s2l pool build`
+#   2. EXPLORER_GPUS > 0: a frozen explorer server kept for training (explorer.mode=online)
+#   3. the learner replica: one SGLang server per SGLANG_TP GPUs, each hot-swapped by the trainer after
+#      every step, behind sglang-router when there is more than one. (One server with --dp-size would not
+#      do: SGLang ranks a weight-update group by TP rank only, so its DP replicas would collide.)
 
-: "${NNODES:=1}"                  # nodes in the job
-: "${NODE_RANK:=0}"               # this node (0 .. NNODES-1); node 0 also runs SGLang
-: "${MASTER_ADDR:=127.0.0.1}"     # node 0's address, reachable from every node
-: "${MASTER_PORT:=29500}"         # torchrun rendezvous
+if [ "${ROLE:-}" = train ] && [ -z "${ROLLOUT_ADDR:-}" ]; then
+  echo "error: ROLE=train needs ROLLOUT_ADDR, the address of the node running ROLE=rollout" >&2; exit 2
+fi
+: "${ROLE:=all}"
+: "${NNODES:=1}"                  # training nodes in the job
+: "${NODE_RANK:=0}"               # this node among them (0 .. NNODES-1)
+: "${MASTER_ADDR:=127.0.0.1}"     # training node 0's address (torchrun rendezvous, weight-sync rendezvous)
+: "${MASTER_PORT:=29500}"
+: "${ROLLOUT_ADDR:=$MASTER_ADDR}" # the rollout node's address, reachable from the training nodes
 : "${GPUS_PER_NODE:=8}"
-: "${ROLLOUT_GPUS:=4}"            # GPUs of node 0 given to SGLang; the others (and all of other nodes) train
+: "${ROLLOUT_GPUS:=4}"            # GPUs serving rollouts (ROLE=all: the last ones of node 0); give
+                                  # ROLE=train nodes the rollout node's value too (it fixes the URLs)
+: "${EXPLORER_GPUS:=0}"           # of those, GPUs for an online explorer server (0: offline pool)
 : "${TP:=4}"                      # learner tensor parallel
 : "${PP:=1}"                      # learner pipeline parallel
 : "${MICRO_BATCH_SIZE:=2}"
-: "${SGLANG_TP:=1}"               # tensor parallel inside each SGLang replica
-: "${SGLANG_PORT:=30000}"         # learner replica server
-: "${EXPLORER_PORT:=30001}"       # explorer server (pool build, or explorer.mode=online)
+: "${SGLANG_TP:=1}"               # tensor parallel inside each learner-replica server
+: "${ROUTER_PORT:=30000}"         # the learner replica's entry point (sglang-router, or the only server)
+: "${REPLICA_PORT:=30100}"        # learner-replica server i listens on REPLICA_PORT + i
+: "${EXPLORER_PORT:=30001}"       # explorer server (pool build, or online explorer)
 : "${SGLANG_MEM_FRACTION:=0.85}"
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
+: "${STARTUP_MINUTES:=15}"        # how long to wait for a server, or (ROLE=train) for the rollout side
 : "${RUN_DIR:=runs/$(basename "${CONFIG%.yaml}")}"
 : "${CKPT_DIR:=$RUN_DIR/checkpoints}"
 : "${WANDB:=false}"
@@ -36,15 +56,35 @@ for arg in "$@"; do
   esac
 done
 
-TRAIN_GPUS=$GPUS_PER_NODE
-if [ "$NODE_RANK" = 0 ]; then TRAIN_GPUS=$((GPUS_PER_NODE - ROLLOUT_GPUS)); fi
-if [ "$NNODES" -gt 1 ] && [ "$ROLLOUT_GPUS" -gt 0 ]; then
-  echo "note: with NNODES>1 torchrun needs the same GPU count per node; set ROLLOUT_GPUS=0 and point" \
-       "rollout.learner_url at a separate rollout node, or keep one node" >&2
+fail() { echo "error: $*" >&2; exit 2; }
+case "$ROLE" in all|rollout|train) ;; *) fail "ROLE=$ROLE: use all, rollout or train" ;; esac
+[ "$ROLLOUT_GPUS" -le "$GPUS_PER_NODE" ] || fail "ROLLOUT_GPUS=$ROLLOUT_GPUS > GPUS_PER_NODE=$GPUS_PER_NODE"
+REPLICA_GPUS=$((ROLLOUT_GPUS - EXPLORER_GPUS))
+[ "$REPLICA_GPUS" -gt 0 ] && [ $((REPLICA_GPUS % SGLANG_TP)) = 0 ] || \
+  fail "ROLLOUT_GPUS - EXPLORER_GPUS = $REPLICA_GPUS GPUs cannot hold learner replicas of SGLANG_TP=$SGLANG_TP;" \
+       "give the replicas a positive multiple of SGLANG_TP"
+SERVES_ROLLOUTS=0
+if [ "$ROLE" = rollout ] || { [ "$ROLE" = all ] && [ "$NODE_RANK" = 0 ]; }; then SERVES_ROLLOUTS=1; fi
+if [ "$ROLE" = all ] && [ "$NNODES" -gt 1 ]; then
+  echo "note: with NNODES>1 node 0 trains on fewer GPUs than the others; for equal nodes run a rollout" \
+       "node with ROLE=rollout and the training nodes with ROLE=train ROLLOUT_ADDR=<rollout node>" >&2
 fi
-SGLANG_DP=$((ROLLOUT_GPUS / SGLANG_TP))
-ROLLOUT_DEVICES=$(seq -s, $((GPUS_PER_NODE - ROLLOUT_GPUS)) $((GPUS_PER_NODE - 1)))
-TRAIN_DEVICES=$(seq -s, 0 $((TRAIN_GPUS - 1)))
+TRAIN_GPUS=$GPUS_PER_NODE
+if [ "$SERVES_ROLLOUTS" = 1 ]; then TRAIN_GPUS=$((GPUS_PER_NODE - ROLLOUT_GPUS)); fi
+if [ "$ROLE" = all ] && [ "$TRAIN_GPUS" -le 0 ]; then
+  fail "node 0 has no GPUs left to train (GPUS_PER_NODE=$GPUS_PER_NODE, ROLLOUT_GPUS=$ROLLOUT_GPUS): run" \
+       "ROLE=rollout on one node and ROLE=train ROLLOUT_ADDR=<that node> on the training nodes, or lower ROLLOUT_GPUS"
+fi
+FIRST_ROLLOUT_GPU=$((GPUS_PER_NODE - ROLLOUT_GPUS))
+if [ "$ROLE" = rollout ]; then FIRST_ROLLOUT_GPU=0; fi
+NUM_REPLICAS=$((REPLICA_GPUS / SGLANG_TP))  # the same on every node: the rollout node's layout
+REPLICA_URLS=()
+for i in $(seq 0 $((NUM_REPLICAS - 1))); do REPLICA_URLS+=("http://$ROLLOUT_ADDR:$((REPLICA_PORT + i))"); done
+if [ "$NUM_REPLICAS" -gt 1 ]; then
+  LEARNER_URL=http://$ROLLOUT_ADDR:$ROUTER_PORT LEARNER_READY=/readiness
+else
+  LEARNER_URL=${REPLICA_URLS[0]} LEARNER_READY=/health
+fi
 PIDS=()
 
 run() {  # print, then run unless --dry-run
@@ -52,24 +92,36 @@ run() {  # print, then run unless --dry-run
   if [ "$DRY_RUN" = 0 ]; then "$@"; fi
 }
 
-start_server() {  # start_server NAME PORT MODEL: an SGLang server on the rollout GPUs, in the background
-  local name=$1 port=$2 model=$3
-  echo "+ CUDA_VISIBLE_DEVICES=$ROLLOUT_DEVICES $SGLANG_PYTHON -m sglang.launch_server --model-path $model" \
-       "--host 0.0.0.0 --port $port --tp $SGLANG_TP --dp-size $SGLANG_DP --mem-fraction-static $SGLANG_MEM_FRACTION" \
-       "> $RUN_DIR/$name.log 2>&1 &"
-  if [ "$DRY_RUN" = 1 ]; then return; fi
-  mkdir -p "$RUN_DIR"
-  CUDA_VISIBLE_DEVICES=$ROLLOUT_DEVICES $SGLANG_PYTHON -m sglang.launch_server --model-path "$model" \
-    --host 0.0.0.0 --port "$port" --tp "$SGLANG_TP" --dp-size "$SGLANG_DP" \
-    --mem-fraction-static "$SGLANG_MEM_FRACTION" > "$RUN_DIR/$name.log" 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 1 180); do
-    if curl -sf "http://127.0.0.1:$port/health" > /dev/null; then return; fi
-    if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then echo "$name exited; see $RUN_DIR/$name.log" >&2; exit 1; fi
+gpus() {  # gpus FIRST COUNT: a CUDA_VISIBLE_DEVICES list
+  seq -s, "$1" $(($1 + $2 - 1))
+}
+
+wait_ready() {  # wait_ready NAME URL [PID]: until URL answers, the process exits, or STARTUP_MINUTES pass
+  local name=$1 url=$2 pid=${3:-}
+  for _ in $(seq 1 $((STARTUP_MINUTES * 12))); do
+    if curl -sf "$url" > /dev/null; then return; fi
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "$name exited; see $RUN_DIR/$name.log" >&2; exit 1; fi
     sleep 5
   done
-  echo "$name did not become healthy in 15 minutes; see $RUN_DIR/$name.log" >&2
+  echo "$name did not answer at $url in $STARTUP_MINUTES minutes${pid:+; see $RUN_DIR/$name.log}" >&2
   exit 1
+}
+
+start() {  # start NAME READY_URL COMMAND...: run in the background, log to RUN_DIR/NAME.log, wait until ready
+  local name=$1 url=$2; shift 2
+  echo "+ $* > $RUN_DIR/$name.log 2>&1 &"
+  if [ "$DRY_RUN" = 1 ]; then return; fi
+  mkdir -p "$RUN_DIR"
+  "$@" > "$RUN_DIR/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_ready "$name" "$url" "$!"
+}
+
+start_server() {  # start_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP
+  local name=$1 port=$2 model=$3 first=$4 count=$5 tp=$6
+  start "$name" "http://127.0.0.1:$port/health" env CUDA_VISIBLE_DEVICES="$(gpus "$first" "$count")" \
+    "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 --port "$port" --tp "$tp" \
+    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION"
 }
 
 stop_servers() {
@@ -78,25 +130,53 @@ stop_servers() {
 }
 trap stop_servers EXIT
 
+start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (for the pool build)
+  if [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" = 0 ] && [ "$BUILD_POOL" != 0 ] && [ ! -f "$POOL/manifest.json" ]; then
+    start_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
+    run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"
+    stop_servers
+  fi
+  if [ "$EXPLORER_GPUS" -gt 0 ]; then
+    start_server explorer "$EXPLORER_PORT" "$EXPLORER" $((FIRST_ROLLOUT_GPU + REPLICA_GPUS)) "$EXPLORER_GPUS" 1
+  fi
+  for i in $(seq 0 $((NUM_REPLICAS - 1))); do
+    start_server "learner_replica_$i" $((REPLICA_PORT + i)) "$LEARNER" $((FIRST_ROLLOUT_GPU + i * SGLANG_TP)) \
+      "$SGLANG_TP" "$SGLANG_TP"
+  done
+  if [ "$NUM_REPLICAS" -gt 1 ]; then
+    start router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
+      --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin \
+      --worker-urls $(for i in $(seq 0 $((NUM_REPLICAS - 1))); do echo "http://127.0.0.1:$((REPLICA_PORT + i))"; done)
+  fi
+}
+
 launch() {
   local overrides=(
     "model.path=$LEARNER" "data.path=$DATA" "parallel.tp=$TP" "parallel.pp=$PP"
-    "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "rollout.learner_url=http://$MASTER_ADDR:$SGLANG_PORT"
-    "rollout.weight_sync=$WEIGHT_SYNC" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
+    "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "rollout.engine=sglang" "rollout.weight_sync=$WEIGHT_SYNC"
+    "rollout.learner_url=$LEARNER_URL" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
     "logging.run_dir=$RUN_DIR" "logging.wandb=$WANDB" "logging.wandb_mode=$WANDB_MODE"
   )
+  if [ "$NUM_REPLICAS" -gt 1 ]; then
+    overrides+=("rollout.learner_worker_urls=[$(IFS=,; echo "${REPLICA_URLS[*]}")]")
+  fi
   if [ -n "${EXPLORER:-}" ]; then overrides+=("explorer.model_path=$EXPLORER" "explorer.pool_path=$POOL"); fi
+  if [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" -gt 0 ]; then
+    overrides+=("explorer.mode=online" "explorer.url=http://$ROLLOUT_ADDR:$EXPLORER_PORT")
+  fi
   overrides+=("${EXTRA_OVERRIDES[@]}")
 
-  if [ "$NODE_RANK" = 0 ] && [ -n "${EXPLORER:-}" ] && [ "$BUILD_POOL" != 0 ] && [ ! -f "$POOL/manifest.json" ]; then
-    start_server explorer "$EXPLORER_PORT" "$EXPLORER"
-    run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "${overrides[@]}"
-    stop_servers
+  if [ "$SERVES_ROLLOUTS" = 1 ]; then start_rollout_side "${overrides[@]}"; fi
+  if [ "$ROLE" = rollout ]; then
+    echo "rollout side up: learner replica at $LEARNER_URL; serving until stopped"
+    if [ "$DRY_RUN" = 0 ]; then wait -n "${PIDS[@]}" || true; echo "a rollout server exited; see $RUN_DIR/*.log" >&2; exit 1; fi
+    return
   fi
-  if [ "$NODE_RANK" = 0 ] && [ "$ROLLOUT_GPUS" -gt 0 ]; then
-    start_server learner_replica "$SGLANG_PORT" "$LEARNER"
+  if [ "$ROLE" = train ]; then
+    echo "+ waiting for the rollout side at $LEARNER_URL$LEARNER_READY"
+    if [ "$DRY_RUN" = 0 ]; then wait_ready rollout_side "$LEARNER_URL$LEARNER_READY"; fi
   fi
-  run env CUDA_VISIBLE_DEVICES="$TRAIN_DEVICES" "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
+  run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"
 }

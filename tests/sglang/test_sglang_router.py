@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from safetensors.torch import load_file
 
 from megatron_s2l.rollout import sglang_launch
 from megatron_s2l.rollout.sglang import SGLangEngine, SGLangUnavailableError
@@ -52,6 +53,23 @@ def test_updates_fan_out_to_every_worker_behind_the_router(main_server, second_s
     assert asyncio.run(engine.weight_version()) == "fan-1"  # asked of each worker
     expected = tuple(hf_greedy(models["C"], tuple(PROMPT), GREEDY.max_new_tokens))
     assert set(_greedy(router.url, copies=4)) == {expected}
+
+
+def test_distributed_update_reaches_every_worker_in_one_group(main_server, second_server, router, models):
+    """The launcher's layout: several single-TP servers behind a router, one broadcast group spanning all
+    (rank 0 the trainer, then each server's TP ranks at its own offset)."""
+    tensors = list(load_file(str(models["D"] / "model.safetensors")).items())
+    before = set(_greedy(main_server.url)) | set(_greedy(second_server.url))
+    engine = SGLangEngine(router.url, worker_urls=[main_server.url, second_server.url], update_mode="distributed",
+                          bucket_mb=1)
+    try:
+        asyncio.run(engine.update_weights(iter(tensors), "fan-2"))
+        assert asyncio.run(engine.weight_version()) == "fan-2"
+    finally:
+        asyncio.run(engine.close())
+    expected = tuple(hf_greedy(models["D"], tuple(PROMPT), GREEDY.max_new_tokens))
+    assert expected not in before  # the update is visible, not a no-op
+    assert set(_greedy(main_server.url)) == set(_greedy(second_server.url)) == {expected}
 
 
 def test_a_killed_server_gives_a_clear_error_after_retries(second_server):
