@@ -32,18 +32,34 @@ def comparison_table(run_dirs: list[Path]) -> str:
             split = "-" if row is None else f"{int(row.get('schedule/G_w', 0))}/{int(row.get('schedule/G_s', 0))}"
             cells += [_cell(row, "eval/accuracy"), _cell(row, "success/learner_rate"), split]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    step_time = mixing_step_time(runs)
+    baseline = next((n for n in names if not any(r.get("schedule/G_w", 0) for r in runs[n].values())), None)
     lines += ["", "| run | final eval acc | best eval acc | learner tokens | explorer tokens | rollout FLOPs "
-                  "(online) vs GRPO |", "|---|---|---|---|---|---|"]
+                  "(online) vs GRPO | mixing-phase step time | vs GRPO |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         rows = [runs[name][s] for s in sorted(runs[name])]
         evals = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy") is not None]
         last = rows[-1]
         saving = last.get("rollout/flops_saving_online", 0.0)
+        ratio = step_time[name] / step_time[baseline] if baseline and step_time[baseline] else None
         lines.append(f"| {name} | {_cell({'v': evals[-1] if evals else None}, 'v')} | "
                      f"{_cell({'v': max(evals) if evals else None}, 'v')} | "
                      f"{int(last.get('rollout/learner_tokens_total', 0))} | "
-                     f"{int(last.get('rollout/explorer_tokens_total', 0))} | {1 - saving:.2f}x |")
+                     f"{int(last.get('rollout/explorer_tokens_total', 0))} | {1 - saving:.2f}x | "
+                     f"{_cell({'v': step_time[name]}, 'v', '.2f')} s | {_cell({'v': ratio}, 'v', '.2f')}x |")
     return "\n".join(lines)
+
+
+def mixing_step_time(runs: dict[str, dict[int, dict]]) -> dict[str, float | None]:
+    """Per run, the mean step time without evaluation over the steps where any run mixes in explorer
+    samples (G_w > 0): the phase in which S2L-PO should be cheaper than GRPO (DESIGN.md §7)."""
+    mixing = {s for rows in runs.values() for s, r in rows.items() if r.get("schedule/G_w", 0) > 0}
+    out = {}
+    for name, rows in runs.items():
+        times = [r["timing/step_s"] - r.get("timing/eval_s", 0.0) for s, r in rows.items()
+                 if s in mixing and "timing/step_s" in r]
+        out[name] = sum(times) / len(times) if times else None
+    return out
 
 
 def main() -> None:

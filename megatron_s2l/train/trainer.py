@@ -65,7 +65,9 @@ class Trainer:
                 with timer("sync"):
                     metrics |= self.weight_sync.sync(self.learner, version=str(step))
                 self.step = step
-                metrics |= self.evaluate(step) | timer.metrics(batch)
+                with timer("eval"):
+                    metrics |= self.evaluate(step)
+                metrics |= timer.metrics(batch)
                 self.metrics.log(step, metrics)
                 self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
                 every = self.cfg.checkpoint.every_steps

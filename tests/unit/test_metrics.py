@@ -60,3 +60,22 @@ def test_wandb_sink_offline(tmp_path, monkeypatch):
     metrics.close()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file, ready for `wandb sync`
+
+
+def test_compare_runs_step_time_over_the_mixing_phase(tmp_path):
+    from tools.compare_runs import comparison_table, mixing_step_time
+
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # steps 1-2 mix (G_w > 0); step 2 of each run also evaluated; step 3 is after the mixing phase
+    write("s2l", [{"step": 1, "schedule/G_w": 4, "timing/step_s": 1.0, "timing/eval_s": 0.0},
+                  {"step": 2, "schedule/G_w": 2, "timing/step_s": 5.0, "timing/eval_s": 3.0},
+                  {"step": 3, "schedule/G_w": 0, "timing/step_s": 9.0}])
+    write("grpo", [{"step": s, "timing/step_s": t, "timing/eval_s": e} for s, t, e in ((1, 2.0, 0.0),
+                                                                                     (2, 6.0, 2.0), (3, 1.0, 0.0))])
+    runs = {name: {r["step"]: r for r in read_metrics(tmp_path / name)} for name in ("s2l", "grpo")}
+    assert mixing_step_time(runs) == {"s2l": 1.5, "grpo": 3.0}
+    table = comparison_table([tmp_path / "s2l", tmp_path / "grpo"])
+    assert "| 1.50 s | 0.50x |" in table and "| 3.00 s | 1.00x |" in table
