@@ -34,6 +34,8 @@ fi
 : "${REPLICA_PORT:=30100}"        # learner-replica server i listens on REPLICA_PORT + i
 : "${EXPLORER_PORT:=30001}"       # explorer server (pool build, or online explorer)
 : "${SGLANG_MEM_FRACTION:=0.85}"
+: "${SGLANG_EXTRA_ARGS:=}"        # more sglang.launch_server arguments for every server
+: "${ROUTER_EXTRA_ARGS:=}"        # more sglang_router.launch_router arguments
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server, or (ROLE=train) for the rollout side
@@ -121,7 +123,7 @@ start_server() {  # start_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP
   local name=$1 port=$2 model=$3 first=$4 count=$5 tp=$6
   start "$name" "http://127.0.0.1:$port/health" env CUDA_VISIBLE_DEVICES="$(gpus "$first" "$count")" \
     "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 --port "$port" --tp "$tp" \
-    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION"
+    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" $SGLANG_EXTRA_ARGS
 }
 
 stop_servers() {
@@ -146,7 +148,8 @@ start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (
   if [ "$NUM_REPLICAS" -gt 1 ]; then
     start router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
       --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin \
-      --worker-urls $(for i in $(seq 0 $((NUM_REPLICAS - 1))); do echo "http://127.0.0.1:$((REPLICA_PORT + i))"; done)
+      --worker-urls $(for i in $(seq 0 $((NUM_REPLICAS - 1))); do echo "http://127.0.0.1:$((REPLICA_PORT + i))"; done) \
+      $ROUTER_EXTRA_ARGS
   fi
 }
 
