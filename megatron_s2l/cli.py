@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megatron.core").setLevel(logging.WARNING)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: the message names the fix
         logger.error("%s", err)
         return 2
+    except FloatingPointError as err:  # training diverged (optimizer.max_nonfinite_steps)
+        logger.error("%s", err)
+        return 1
 
 
 if __name__ == "__main__":

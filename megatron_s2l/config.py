@@ -282,9 +282,14 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     mini_batches_per_step: int = 1
     """Optimizer updates per training step (the batch is split into this many mini-batches)."""
+    max_nonfinite_steps: int = 3
+    """Stop with an error after this many steps in a row in which every update had a non-finite gradient
+    (each such update is skipped, so the weights are those before the streak); 0: never stop."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optimizer.lr", self.lr, "use a positive learning rate such as 1e-6")
+        _check(self.max_nonfinite_steps >= 0, "optimizer.max_nonfinite_steps", self.max_nonfinite_steps,
+               "use >= 0 (0: never stop on non-finite gradients)")
         _check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "use >= 0 (0: off)")
         _check(self.mini_batches_per_step >= 1, "optimizer.mini_batches_per_step",
                self.mini_batches_per_step, "use >= 1")

@@ -67,12 +67,14 @@ class Learner:
     scheduler: object  # megatron-core OptimizerParamScheduler
     # state
     num_updates: int
+    nonfinite_steps: int  # train steps in a row in which every update was skipped
 
     def __init__(self, cfg, args, model, ref_model, optimizer, scheduler):
         self.cfg, self.args = cfg, args
         self.model, self.ref_model = model, ref_model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_updates = 0
+        self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------ parallel layout
 
@@ -210,7 +212,19 @@ class Learner:
         metrics["train/grad_norm"] = max(grad_norms)
         metrics["train/skipped_updates"] = skipped
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        self._stop_if_not_finite(all_skipped=skipped == len(plan))
         return metrics
+
+    def _stop_if_not_finite(self, all_skipped: bool) -> None:
+        """Skipping a bad update keeps the weights safe; a streak of them means training cannot go on."""
+        self.nonfinite_steps = self.nonfinite_steps + 1 if all_skipped else 0
+        limit = self.cfg.optimizer.max_nonfinite_steps
+        if limit and self.nonfinite_steps >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_steps} training steps in a row had a non-finite gradient in every update "
+                f"(optimizer.max_nonfinite_steps={limit}); all were skipped, so the weights and the last "
+                "checkpoint are those from before the streak. Look for NaN/inf in the rewards or the data, lower "
+                "optimizer.lr, or turn model.fp8 off, then resume from the checkpoint")
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """Clip and step, or skip the update (and log why) when the gradient is not finite."""

@@ -51,6 +51,26 @@ def test_non_finite_loss_skips_the_update(learner, caplog):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_streak_of_non_finite_steps_stops_training(learner, monkeypatch):
+    monkeypatch.setattr(learner.cfg.optimizer, "max_nonfinite_steps", 2)
+    learner.nonfinite_steps = 0
+
+    def step(nan: bool):
+        batch = fixed_batch()
+        if nan:
+            batch.advantages[0] = float("nan")
+        plan = learner.plan(batch)
+        learner.compute_logprobs(plan)
+        learner.compute_logprobs(plan, reference=True)
+        return learner.train_step(plan)
+
+    step(nan=True)
+    step(nan=False)  # a good step ends the streak
+    step(nan=True)
+    with pytest.raises(FloatingPointError, match="2 training steps in a row .*max_nonfinite_steps=2"):
+        step(nan=True)
+
+
 def test_plan_rejects_indivisible_batches(learner):
     with pytest.raises(ValueError, match="parallel.micro_batch_size=2"):
         learner.plan(fixed_batch(num_sequences=7))
