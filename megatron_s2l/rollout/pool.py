@@ -52,9 +52,9 @@ SCHEMA = pa.schema([
     ("finish_reason", pa.string()), ("reward", pa.float64()), ("answer", pa.string()), ("text", pa.string()),
     ("weight_version", pa.string()),
 ])
-# manifest keys that must agree for a rerun to resume an unfinished build
 INDEX_COLUMNS = ["prompt_id", "sample_index", "reward", "answer"]  # what ExplorerPool keeps in memory
 ROW_GROUP_CACHE = 8  # decoded row groups ExplorerPool keeps
+# manifest keys that must agree for a rerun to resume an unfinished build
 BUILD_SETTINGS = ("explorer_model", "tokenizer_hash", "sampling", "n_per_prompt", "chunk_size",
                   "dataset_hash", "scored")
 
@@ -239,10 +239,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 class ExplorerPool:
-    """A finished pool with a draw cursor. Only an index is held in memory (prompt -> where its samples lie,
-    plus reward and answer for stats, ~100 bytes a sample); token ids and log-probs are read from the
-    Parquet row groups on demand, so a pool far larger than RAM (the paper's: 17k prompts x 32 samples
-    of up to 8k tokens) costs one row group per drawn prompt."""
+    """A finished pool with a draw cursor. Only an index is held in memory: where each prompt's samples
+    lie, plus reward and answer for stats (~100 MB for the paper's 17k prompts x 32 samples). Token ids
+    and log-probs stay on disk and are read one prompt's row group at a time when drawn, so a pool far
+    larger than RAM (the paper's, at up to 8k tokens a sample) works."""
 
     # config
     path: Path
