@@ -15,7 +15,6 @@ import asyncio
 import json
 import platform as host
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
-from typing import Callable
+from typing import Callable, Optional
 from megatron_s2l.config import RewardConfig
 from megatron_s2l.reward.math import ScoreResult, extract_answer, reward_value
 
@@ -38,8 +38,9 @@ class MathScorer:
     `verify_fn(answer, gold, timeout_s) -> (correct, timed_out)` decides equivalence of an extracted
     answer; it must be a module-level function (workers import it by name)."""
 
-    def __init__(self, cfg: RewardConfig = RewardConfig(),
+    def __init__(self, cfg: Optional[RewardConfig] = None,
                  verify_fn: Callable[[str, str, int], tuple[bool, bool]] = verify_math):
+        cfg = cfg or RewardConfig()
         reward_value(True, cfg.scale)  # validates the scale
         self.cfg = cfg
         self.verify_fn = verify_fn
@@ -106,5 +107,5 @@ class MathScorer:
             self._pool = None
 
 
-def build_scorer(cfg: RewardConfig = RewardConfig()) -> MathScorer:
+def build_scorer(cfg: Optional[RewardConfig] = None) -> MathScorer:
     return MathScorer(cfg)

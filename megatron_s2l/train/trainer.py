@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from megatron_s2l.train.batch import TrainBatch
 from megatron_s2l.train.checkpoint import Checkpointer
 from megatron_s2l.train.learner import Learner
 from megatron_s2l.train.weight_sync import WeightSync
+
+if TYPE_CHECKING:
+    from megatron_s2l.train.driver import RolloutSide
 
 logger = logging.getLogger(__name__)
 
