@@ -1,0 +1,38 @@
+"""The benchmark scripts still run (tiny shapes on CPU) and print the JSON that docs/BENCHMARKS.md quotes,
+so a GPU session spends its minutes measuring, not debugging. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.utils import REPO, run_process
+
+
+def _bench(script: str, *args: str) -> dict:
+    done = run_process([sys.executable, f"benchmarks/{script}", "--json", *args], script, timeout=600)
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_bench_logprobs_reports_both_variants_and_ratios():
+    report = _bench("bench_logprobs.py", "--device", "cpu", "--tokens", "256", "--hidden", "64", "--vocab", "4096",
+                    "--tp", "2", "--chunk-size", "64", "--repeats", "1", "--threads", "1")
+    assert report["shape"]["vocab_per_rank"] == 2048
+    for variant in ("materialized", "fused"):
+        assert report[variant]["seconds"] > 0 and report[variant]["peak_bytes"] >= 1
+    assert report["peak_memory_ratio_vs_materialized"] > 0 and report["time_ratio_vs_materialized"] > 0
+
+
+def test_bench_grpo_update_runs_the_learner_update():
+    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1")
+    assert report["shape"] == "tiny" and report["sequences"] * report["seq_len"] == 8 * 64
+    assert report["bf16"]["tokens_per_s"] > 0 and report["bf16"]["mfu"] is None  # no MFU without a GPU peak
+    assert "fp8" not in report  # FP8 needs Transformer Engine on CUDA
+
+
+def test_gpu_suite_refuses_to_run_without_cuda(tmp_path):
+    done = subprocess.run(["bash", "benchmarks/run_gpu_suite.sh", str(tmp_path / "out")], cwd=REPO, timeout=120,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert done.returncode == 1 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "out" / "gpu_tests.xml").exists()
