@@ -6,6 +6,8 @@
 #   all      (default) node 0 serves rollouts on its last ROLLOUT_GPUS GPUs; every node trains on the rest
 #   rollout  serve rollouts on ROLLOUT_GPUS GPUs and wait (a dedicated rollout node)
 #   train    train only; first wait until the rollout side at ROLLOUT_ADDR answers
+# Several rollout nodes: ROLLOUT_ADDR=a,b,... on every node and ROLLOUT_RANK=i on rollout node i. Node 0 of
+# them hosts the router over all nodes' learner replicas, the online explorer and the pool build.
 # The rollout side, in order:
 #   1. explorer.mode=pool and no manifest at POOL: an explorer server on all rollout GPUs, `s2l pool build`
 #   2. EXPLORER_GPUS > 0: a frozen explorer server kept for training (explorer.mode=online)
@@ -21,11 +23,13 @@ fi
 : "${NODE_RANK:=0}"               # this node among them (0 .. NNODES-1)
 : "${MASTER_ADDR:=127.0.0.1}"     # training node 0's address (torchrun rendezvous, weight-sync rendezvous)
 : "${MASTER_PORT:=29500}"
-: "${ROLLOUT_ADDR:=$MASTER_ADDR}" # the rollout node's address, reachable from the training nodes
+: "${ROLLOUT_ADDR:=$MASTER_ADDR}" # the rollout node's address (or nodes', comma-separated), reachable
+                                  # from the training nodes
+: "${ROLLOUT_RANK:=0}"            # ROLE=rollout: this node's place in ROLLOUT_ADDR
 : "${GPUS_PER_NODE:=8}"
-: "${ROLLOUT_GPUS:=4}"            # GPUs serving rollouts (ROLE=all: the last ones of node 0); give
-                                  # ROLE=train nodes the rollout node's value too (it fixes the URLs)
-: "${EXPLORER_GPUS:=0}"           # of those, GPUs for an online explorer server (0: offline pool)
+: "${ROLLOUT_GPUS:=4}"            # GPUs serving rollouts per rollout node (ROLE=all: the last ones of
+                                  # node 0); give ROLE=train nodes the same value (it fixes the URLs)
+: "${EXPLORER_GPUS:=0}"           # of rollout node 0's, GPUs for an online explorer (0: offline pool)
 : "${TP:=4}"                      # learner tensor parallel
 : "${PP:=1}"                      # learner pipeline parallel
 : "${MICRO_BATCH_SIZE:=2}"
@@ -38,7 +42,9 @@ fi
 : "${ROUTER_EXTRA_ARGS:=}"        # more sglang_router.launch_router arguments
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
-: "${STARTUP_MINUTES:=15}"        # how long to wait for a server, or (ROLE=train) for the rollout side
+: "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
+: "${ROLLOUT_WAIT_MINUTES:=720}"  # ROLE=train: how long to wait for the rollout side (its first run
+                                  # builds the explorer pool before serving)
 : "${RUN_DIR:=runs/$(basename "${CONFIG%.yaml}")}"
 : "${CKPT_DIR:=$RUN_DIR/checkpoints}"
 : "${WANDB:=false}"
@@ -61,12 +67,27 @@ done
 fail() { echo "error: $*" >&2; exit 2; }
 case "$ROLE" in all|rollout|train) ;; *) fail "ROLE=$ROLE: use all, rollout or train" ;; esac
 [ "$ROLLOUT_GPUS" -le "$GPUS_PER_NODE" ] || fail "ROLLOUT_GPUS=$ROLLOUT_GPUS > GPUS_PER_NODE=$GPUS_PER_NODE"
-REPLICA_GPUS=$((ROLLOUT_GPUS - EXPLORER_GPUS))
-[ "$REPLICA_GPUS" -gt 0 ] && [ $((REPLICA_GPUS % SGLANG_TP)) = 0 ] || \
-  fail "ROLLOUT_GPUS - EXPLORER_GPUS = $REPLICA_GPUS GPUs cannot hold learner replicas of SGLANG_TP=$SGLANG_TP;" \
-       "give the replicas a positive multiple of SGLANG_TP"
-SERVES_ROLLOUTS=0
+IFS=, read -ra ROLLOUT_NODES <<< "$ROLLOUT_ADDR"
+ROLLOUT_HEAD=${ROLLOUT_NODES[0]}  # hosts the router, the online explorer and the pool build
+if [ "${#ROLLOUT_NODES[@]}" -gt 1 ] && [ "$ROLE" = all ]; then
+  fail "ROLLOUT_ADDR lists ${#ROLLOUT_NODES[@]} rollout nodes: run them with ROLE=rollout ROLLOUT_RANK=0..$((${#ROLLOUT_NODES[@]} - 1))" \
+       "and the training nodes with ROLE=train"
+fi
+[ "$ROLLOUT_RANK" -ge 0 ] 2>/dev/null && [ "$ROLLOUT_RANK" -lt "${#ROLLOUT_NODES[@]}" ] || \
+  fail "ROLLOUT_RANK=$ROLLOUT_RANK is not a place in ROLLOUT_ADDR=$ROLLOUT_ADDR (0..$((${#ROLLOUT_NODES[@]} - 1)))"
+replica_gpus() {  # replica_gpus NODE: learner-replica GPUs on rollout node NODE (node 0 also holds the explorer)
+  if [ "$1" = 0 ]; then echo $((ROLLOUT_GPUS - EXPLORER_GPUS)); else echo "$ROLLOUT_GPUS"; fi
+}
+REPLICA_GPUS=$(replica_gpus "$ROLLOUT_RANK")
+for node in "${!ROLLOUT_NODES[@]}"; do
+  gpus_left=$(replica_gpus "$node")
+  [ "$gpus_left" -gt 0 ] && [ $((gpus_left % SGLANG_TP)) = 0 ] || \
+    fail "rollout node $node has $gpus_left GPUs (ROLLOUT_GPUS - EXPLORER_GPUS on node 0) for learner replicas of" \
+         "SGLANG_TP=$SGLANG_TP; give the replicas a positive multiple of SGLANG_TP"
+done
+SERVES_ROLLOUTS=0 IS_ROLLOUT_HEAD=0
 if [ "$ROLE" = rollout ] || { [ "$ROLE" = all ] && [ "$NODE_RANK" = 0 ]; }; then SERVES_ROLLOUTS=1; fi
+if [ "$SERVES_ROLLOUTS" = 1 ] && [ "$ROLLOUT_RANK" = 0 ]; then IS_ROLLOUT_HEAD=1; fi
 if [ "$ROLE" = all ] && [ "$NNODES" -gt 1 ]; then
   echo "note: with NNODES>1 node 0 trains on fewer GPUs than the others; for equal nodes run a rollout" \
        "node with ROLE=rollout and the training nodes with ROLE=train ROLLOUT_ADDR=<rollout node>" >&2
@@ -79,11 +100,15 @@ if [ "$ROLE" = all ] && [ "$TRAIN_GPUS" -le 0 ]; then
 fi
 FIRST_ROLLOUT_GPU=$((GPUS_PER_NODE - ROLLOUT_GPUS))
 if [ "$ROLE" = rollout ]; then FIRST_ROLLOUT_GPU=0; fi
-NUM_REPLICAS=$((REPLICA_GPUS / SGLANG_TP))  # the same on every node: the rollout node's layout
-REPLICA_URLS=()
-for i in $(seq 0 $((NUM_REPLICAS - 1))); do REPLICA_URLS+=("http://$ROLLOUT_ADDR:$((REPLICA_PORT + i))"); done
-if [ "$NUM_REPLICAS" -gt 1 ]; then
-  LEARNER_URL=http://$ROLLOUT_ADDR:$ROUTER_PORT LEARNER_READY=/readiness
+NUM_REPLICAS=$((REPLICA_GPUS / SGLANG_TP))  # on this node
+REPLICA_URLS=()  # every learner-replica server of the job, the same list on every node
+for node in "${!ROLLOUT_NODES[@]}"; do
+  for i in $(seq 0 $(($(replica_gpus "$node") / SGLANG_TP - 1))); do
+    REPLICA_URLS+=("http://${ROLLOUT_NODES[$node]}:$((REPLICA_PORT + i))")
+  done
+done
+if [ "${#REPLICA_URLS[@]}" -gt 1 ]; then
+  LEARNER_URL=http://$ROLLOUT_HEAD:$ROUTER_PORT LEARNER_READY=/readiness
 else
   LEARNER_URL=${REPLICA_URLS[0]} LEARNER_READY=/health
 fi
@@ -98,14 +123,15 @@ gpus() {  # gpus FIRST COUNT: a CUDA_VISIBLE_DEVICES list
   seq -s, "$1" $(($1 + $2 - 1))
 }
 
-wait_ready() {  # wait_ready NAME URL [PID]: until URL answers, the process exits, or STARTUP_MINUTES pass
-  local name=$1 url=$2 pid=${3:-}
-  for _ in $(seq 1 $((STARTUP_MINUTES * 12))); do
+wait_ready() {  # wait_ready NAME URL MINUTES [PID]: until URL answers, the process exits, or MINUTES pass
+  local name=$1 url=$2 minutes=$3 pid=${4:-}
+  for tick in $(seq 1 $((minutes * 12))); do
     if curl -sf "$url" > /dev/null; then return; fi
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "$name exited; see $RUN_DIR/$name.log" >&2; exit 1; fi
+    if [ $((tick % 120)) = 0 ]; then echo "still waiting for $name at $url ($((tick / 12)) of $minutes minutes)"; fi
     sleep 5
   done
-  echo "$name did not answer at $url in $STARTUP_MINUTES minutes${pid:+; see $RUN_DIR/$name.log}" >&2
+  echo "$name did not answer at $url in $minutes minutes${pid:+; see $RUN_DIR/$name.log}" >&2
   exit 1
 }
 
@@ -116,7 +142,7 @@ start() {  # start NAME READY_URL COMMAND...: run in the background, log to RUN_
   mkdir -p "$RUN_DIR"
   "$@" > "$RUN_DIR/$name.log" 2>&1 &
   PIDS+=($!)
-  wait_ready "$name" "$url" "$!"
+  wait_ready "$name" "$url" "$STARTUP_MINUTES" "$!"
 }
 
 start_server() {  # start_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP
@@ -133,23 +159,23 @@ stop_servers() {
 trap stop_servers EXIT
 
 start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (for the pool build)
-  if [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" = 0 ] && [ "$BUILD_POOL" != 0 ] && [ ! -f "$POOL/manifest.json" ]; then
+  if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" = 0 ] && [ "$BUILD_POOL" != 0 ] \
+     && [ ! -f "$POOL/manifest.json" ]; then
     start_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
     run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"
     stop_servers
   fi
-  if [ "$EXPLORER_GPUS" -gt 0 ]; then
+  if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "$EXPLORER_GPUS" -gt 0 ]; then
     start_server explorer "$EXPLORER_PORT" "$EXPLORER" $((FIRST_ROLLOUT_GPU + REPLICA_GPUS)) "$EXPLORER_GPUS" 1
   fi
   for i in $(seq 0 $((NUM_REPLICAS - 1))); do
     start_server "learner_replica_$i" $((REPLICA_PORT + i)) "$LEARNER" $((FIRST_ROLLOUT_GPU + i * SGLANG_TP)) \
       "$SGLANG_TP" "$SGLANG_TP"
   done
-  if [ "$NUM_REPLICAS" -gt 1 ]; then
+  if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "${#REPLICA_URLS[@]}" -gt 1 ]; then  # waits for the other nodes' servers
     start router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
-      --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin \
-      --worker-urls $(for i in $(seq 0 $((NUM_REPLICAS - 1))); do echo "http://127.0.0.1:$((REPLICA_PORT + i))"; done) \
-      $ROUTER_EXTRA_ARGS
+      --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin --worker-urls "${REPLICA_URLS[@]}" \
+      --worker-startup-timeout-secs $((STARTUP_MINUTES * 60)) $ROUTER_EXTRA_ARGS
   fi
 }
 
@@ -160,24 +186,25 @@ launch() {
     "rollout.learner_url=$LEARNER_URL" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
     "logging.run_dir=$RUN_DIR" "logging.wandb=$WANDB" "logging.wandb_mode=$WANDB_MODE"
   )
-  if [ "$NUM_REPLICAS" -gt 1 ]; then
+  if [ "${#REPLICA_URLS[@]}" -gt 1 ]; then
     overrides+=("rollout.learner_worker_urls=[$(IFS=,; echo "${REPLICA_URLS[*]}")]")
   fi
   if [ -n "${EXPLORER:-}" ]; then overrides+=("explorer.model_path=$EXPLORER" "explorer.pool_path=$POOL"); fi
   if [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" -gt 0 ]; then
-    overrides+=("explorer.mode=online" "explorer.url=http://$ROLLOUT_ADDR:$EXPLORER_PORT")
+    overrides+=("explorer.mode=online" "explorer.url=http://$ROLLOUT_HEAD:$EXPLORER_PORT")
   fi
   overrides+=("${EXTRA_OVERRIDES[@]}")
 
   if [ "$SERVES_ROLLOUTS" = 1 ]; then start_rollout_side "${overrides[@]}"; fi
   if [ "$ROLE" = rollout ]; then
-    echo "rollout side up: learner replica at $LEARNER_URL; serving until stopped"
+    echo "rollout node $ROLLOUT_RANK up: $NUM_REPLICAS learner-replica servers (the job's learner replica:" \
+         "$LEARNER_URL); serving until stopped"
     if [ "$DRY_RUN" = 0 ]; then wait -n "${PIDS[@]}" || true; echo "a rollout server exited; see $RUN_DIR/*.log" >&2; exit 1; fi
     return
   fi
   if [ "$ROLE" = train ]; then
     echo "+ waiting for the rollout side at $LEARNER_URL$LEARNER_READY"
-    if [ "$DRY_RUN" = 0 ]; then wait_ready rollout_side "$LEARNER_URL$LEARNER_READY"; fi
+    if [ "$DRY_RUN" = 0 ]; then wait_ready rollout_side "$LEARNER_URL$LEARNER_READY" "$ROLLOUT_WAIT_MINUTES"; fi
   fi
   run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \

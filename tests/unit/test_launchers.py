@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
 from megatron_s2l.config import load_config
-from tests.utils import REPO
+from tests.utils import REPO, free_port
 
 
 def dry_run(script: str, **env) -> list[list[str]]:
@@ -42,6 +43,11 @@ def _servers(commands: list[list[str]], model: str) -> list[list[str]]:
     return [c for c in commands if "sglang.launch_server" in c and _flag(c, "--model-path") == model]
 
 
+def _worker_urls(router: list[str]) -> list[str]:
+    after = router[router.index("--worker-urls") + 1:]
+    return after[:next((i for i, arg in enumerate(after) if arg.startswith("--")), len(after))]
+
+
 def _gpus(command: list[str]) -> set[str]:
     return set(next(a for a in command if a.startswith("CUDA_VISIBLE_DEVICES="))[21:].split(","))
 
@@ -67,7 +73,7 @@ def test_dry_run_commands_are_consistent(script, learner):
     assert cfg.rollout.learner_worker_urls == ["http://127.0.0.1:31300", "http://127.0.0.1:31301"]
     router = next(c for c in commands if "sglang_router.launch_router" in c)
     assert _flag(router, "--port") == "31234"
-    assert router[router.index("--worker-urls") + 1:] == cfg.rollout.learner_worker_urls
+    assert _worker_urls(router) == cfg.rollout.learner_worker_urls
     if cfg.explorer.mode == "pool":  # no manifest at POOL: the pool is built first from an explorer server
         build = next(c for c in commands if "pool" in c and "build" in c)
         explorer, = _servers(commands, cfg.explorer.model_path)
@@ -98,10 +104,53 @@ def test_rollout_node_and_training_nodes_agree():
     assert not any("pool" in c for c in rollout)
 
 
+def test_two_rollout_nodes_share_one_router_and_the_trainer_updates_every_server():
+    layout = dict(ROLLOUT_GPUS="4", SGLANG_TP="2", EXPLORER_GPUS="2", ROLLOUT_ADDR="10.0.0.2,10.0.0.3")
+    head = dry_run("run_s2l_8b.sh", ROLE="rollout", ROLLOUT_RANK="0", **layout)
+    other = dry_run("run_s2l_8b.sh", ROLE="rollout", ROLLOUT_RANK="1", **layout)
+    train = dry_run("run_s2l_8b.sh", ROLE="train", MASTER_ADDR="10.0.0.4", **layout)
+    _, cfg = _train_config(train)
+    # node 0: the explorer on 2 GPUs, one replica on the other 2, the router; node 1: two replicas, nothing else
+    assert len(_servers(head, cfg.model.path)) == 1 and len(_servers(head, cfg.explorer.model_path)) == 1
+    assert len(_servers(other, cfg.model.path)) == 2 and not _servers(other, cfg.explorer.model_path)
+    assert not any("sglang_router.launch_router" in c for c in other)
+    assert set().union(*map(_gpus, _servers(other, cfg.model.path))) == {"0", "1", "2", "3"}
+    assert cfg.rollout.learner_worker_urls == ["http://10.0.0.2:30100", "http://10.0.0.3:30100",
+                                               "http://10.0.0.3:30101"]
+    router = next(c for c in head if "sglang_router.launch_router" in c)
+    assert _worker_urls(router) == cfg.rollout.learner_worker_urls
+    assert cfg.rollout.learner_url == "http://10.0.0.2:30000" and cfg.explorer.url == "http://10.0.0.2:30001"
+
+
+def test_training_nodes_wait_for_the_rollout_side_then_start_torchrun(tmp_path):
+    port = free_port()
+    env = {**os.environ, "ROLE": "train", "ROLLOUT_ADDR": "127.0.0.1", "ROLLOUT_GPUS": "1", "REPLICA_PORT": str(port),
+           "GPUS_PER_NODE": "2", "RUN_DIR": str(tmp_path / "run"), "PYTHON": "echo"}  # echo: torchrun printed
+    nobody = subprocess.run(["bash", "examples/run_s2l_8b.sh"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env={**env, "ROLLOUT_WAIT_MINUTES": "0"})
+    assert nobody.returncode == 1 and f"rollout_side did not answer at http://127.0.0.1:{port}/health" in nobody.stderr
+    assert "torch.distributed.run" not in nobody.stdout
+    (tmp_path / "health").write_text("ok")  # a stand-in rollout side: /health answers 200
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = subprocess.run(["bash", "examples/run_s2l_8b.sh"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=120, env={**env, "ROLLOUT_WAIT_MINUTES": "1"})
+    finally:
+        server.kill()
+        server.wait()
+    assert started.returncode == 0, started.stderr
+    assert "-m torch.distributed.run --nnodes 1" in started.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("env,message", [
+    (dict(ROLLOUT_ADDR="a,b"), "run them with ROLE=rollout ROLLOUT_RANK=0..1"),
+    (dict(ROLE="rollout", ROLLOUT_ADDR="a,b", ROLLOUT_RANK="2"), "ROLLOUT_RANK=2 is not a place in ROLLOUT_ADDR"),
+    (dict(ROLE="rollout", ROLLOUT_ADDR="a,b", ROLLOUT_GPUS="3", EXPLORER_GPUS="1", SGLANG_TP="2"),
+     "rollout node 1 has 3 GPUs"),
     (dict(ROLE="train"), "ROLE=train needs ROLLOUT_ADDR"),
     (dict(ROLE="sideways"), "ROLE=sideways: use all, rollout or train"),
-    (dict(ROLLOUT_GPUS="3", SGLANG_TP="2"), "cannot hold learner replicas of SGLANG_TP=2"),
+    (dict(ROLLOUT_GPUS="3", SGLANG_TP="2"), "rollout node 0 has 3 GPUs"),
     (dict(ROLLOUT_GPUS="8"), "node 0 has no GPUs left to train"),
 ])
 def test_bad_layouts_are_refused_with_the_fix(env, message):
@@ -118,8 +167,6 @@ def test_unknown_argument_is_refused():
 @pytest.mark.parametrize("tool", ["convert_hf_to_megatron.py", "convert_megatron_to_hf.py", "build_explorer_pool.py",
                                   "eval_passk.py", "make_toy_models.py", "plot_run.py", "compare_runs.py"])
 def test_tools_show_help(tool):
-    import sys
-
     result = subprocess.run([sys.executable, f"tools/{tool}", "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
