@@ -2,11 +2,16 @@
 
 A Qwen3-1.7B-shaped learner (random weights) on one GPU runs the real update path (old log-probs,
 reference log-probs, forward/backward with the fused log-prob loss, optimizer step) on a synthetic batch.
-MFU counts 6 x parameters x tokens plus attention (12 x layers x hidden x seq^2 per sequence) against the
-device's dense peak. Each precision runs in its own process. Prints one JSON line.
+MFU counts 6 x parameters x tokens plus attention (12 x layers x hidden x seq^2 per sequence), over the
+real (unpadded) tokens, against the device's dense peak. Each variant runs in its own process. Prints one
+JSON line.
 
     python benchmarks/bench_grpo_update.py --json                 # GPU: BF16 and FP8
     python benchmarks/bench_grpo_update.py --json --shape tiny    # a CPU smoke run of the same path
+    python benchmarks/bench_grpo_update.py --json --lengths longtail   # parallel.length_grouping on vs off
+
+`--lengths longtail` draws response lengths as RL on reasoning tends to produce them (most short, a few
+at the limit) and compares length-grouped, trimmed micro-batches with batch-order ones at full padding.
 """
 
 from __future__ import annotations
@@ -33,29 +38,44 @@ def _peak(name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def run_precision(precision: str, args: argparse.Namespace, model_dir: str) -> dict:
+def synthetic_batch(args: argparse.Namespace):
+    """Prompts of a quarter of seq_len; responses fill the rest (`full`) or follow a long tail."""
+    from megatron_s2l.train.batch import TrainBatch
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = args.seq_len // 4
+    if args.lengths == "full":
+        response = torch.full((args.sequences,), args.seq_len - prompt)
+    else:  # u^3 of the response budget: median ~1/8, a few near the limit
+        u = torch.rand(args.sequences, generator=gen)
+        response = (u ** 3 * (args.seq_len - prompt)).long().clamp(min=1)
+        response[0] = args.seq_len - prompt  # one sequence at the limit, as in every real step
+    mask = torch.zeros(args.sequences, args.seq_len, dtype=torch.bool)
+    for row, length in enumerate(response.tolist()):
+        mask[row, prompt:prompt + length] = True
+    vocab = SHAPES[args.shape]["vocab_size"]
+    return TrainBatch(tokens=torch.randint(0, vocab, (args.sequences, args.seq_len), generator=gen),
+                      response_mask=mask, advantages=torch.randn(args.sequences, generator=gen),
+                      source=torch.ones(args.sequences, dtype=torch.long),
+                      behaviour_logprobs=torch.zeros(args.sequences, args.seq_len))
+
+
+def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_dir: str) -> dict:
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
-    from megatron_s2l.train.batch import TrainBatch
     from megatron_s2l.train.learner import build_learner
 
     platform.init_distributed(1, 1)
     on_gpu = torch.cuda.is_available()
     overrides = {"model.dtype": "bfloat16" if on_gpu else "float32", "explorer.mode": "off",
                  "parallel.micro_batch_size": args.micro_batch_size, "rollout.prompts_per_step": args.sequences,
-                 "rollout.group_size": 1, "rollout.max_response_length": args.seq_len, "optimizer.lr": 1e-6}
+                 "rollout.group_size": 1, "rollout.max_response_length": args.seq_len, "optimizer.lr": 1e-6,
+                 "parallel.length_grouping": grouping}
     if precision == "fp8":
         overrides |= {"model.fp8.recipe": "delayed", "model.transformer_impl": "transformer_engine"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     learner = build_learner(cfg, model_dir)
-    gen = torch.Generator().manual_seed(0)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    mask = torch.zeros(args.sequences, args.seq_len, dtype=torch.bool)
-    mask[:, args.seq_len // 4:] = True  # a quarter prompt, three quarters response
-    batch = TrainBatch(tokens=torch.randint(0, vocab, (args.sequences, args.seq_len), generator=gen),
-                       response_mask=mask, advantages=torch.randn(args.sequences, generator=gen),
-                       source=torch.ones(args.sequences, dtype=torch.long),
-                       behaviour_logprobs=torch.zeros(args.sequences, args.seq_len))
+    batch = synthetic_batch(args)
     timings = []
     for _ in range(args.repeats + 1):  # the first is warm-up
         if on_gpu:
@@ -71,13 +91,14 @@ def run_precision(precision: str, args: argparse.Namespace, model_dir: str) -> d
     seconds = min(timings[1:])
     params = learner.args.num_parameters
     shape = SHAPES[args.shape]
-    tokens = args.sequences * args.seq_len
+    lengths = batch.lengths().double()  # real tokens; padding is not useful work
+    tokens = int(lengths.sum())
     # forward+backward (6N per token) + two forward-only passes (2N each) + attention
-    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * args.seq_len * tokens
+    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * float((lengths ** 2).sum())
     flops = (6 + 2 + 2) * params * tokens + attention * (10 / 6)
     peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
     platform.destroy_distributed()
-    return {"precision": precision, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+    return {"precision": precision, "length_grouping": grouping, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
             "tflops": round(flops / seconds / 1e12, 2), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
@@ -85,26 +106,33 @@ def run_precision(precision: str, args: argparse.Namespace, model_dir: str) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1.7b" if torch.cuda.is_available() else "tiny")
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--sequences", type=int, help="default: 32 (tiny: 8)")
+    parser.add_argument("--seq-len", type=int, help="default: 2048 (tiny: 64)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", choices=["full", "longtail"], default="full",
+                        help="response lengths: all at the limit, or long-tailed (compares length grouping)")
     parser.add_argument("--json", action="store_true", help="print one JSON line (the default output)")
     args = parser.parse_args()
-    if args.shape == "tiny":
-        args.sequences, args.seq_len, args.micro_batch_size = min(args.sequences, 8), min(args.seq_len, 64), 4
+    tiny = args.shape == "tiny"
+    args.sequences = args.sequences or (8 if tiny else 32)
+    args.seq_len = args.seq_len or (64 if tiny else 2048)
 
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     model_dir = tempfile.mkdtemp(prefix="bench_update_")
     AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(model_dir)
-    results = {"bf16": in_fresh_process(run_precision, "bf16", args, model_dir)}
+    results = {"bf16": in_fresh_process(run_variant, "bf16", True, args, model_dir)}
+    if args.lengths == "longtail":
+        results["bf16_batch_order"] = in_fresh_process(run_variant, "bf16", False, args, model_dir)
+        results["length_grouping_speedup"] = round(results["bf16_batch_order"]["seconds"]
+                                                   / results["bf16"]["seconds"], 3)
     have_te = torch.cuda.is_available() and __import__("importlib").util.find_spec("transformer_engine")
     if have_te:
-        results["fp8"] = in_fresh_process(run_precision, "fp8", args, model_dir)
+        results["fp8"] = in_fresh_process(run_variant, "fp8", True, args, model_dir)
         results["fp8_speedup_vs_bf16"] = round(results["bf16"]["seconds"] / results["fp8"]["seconds"], 3)
     print(json.dumps({"benchmark": "grpo_update", "shape": args.shape, "sequences": args.sequences,
-                      "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                      "seq_len": args.seq_len, "lengths": args.lengths, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                       else "cpu (fp32: the 'bf16' entry is the default precision of this device)", **results}))
     shutil.rmtree(model_dir, ignore_errors=True)
 

@@ -61,6 +61,10 @@ class ParallelConfig:
     """Pipeline-parallel size; must divide the number of layers."""
     micro_batch_size: int = 1
     """Sequences per micro-batch in the learner's forward/backward."""
+    length_grouping: bool = True
+    """Put sequences of similar length in the same micro-batch, deal them evenly to data-parallel ranks,
+    and cut each micro-batch's padding (with PP > 1: one width per rank and mini-batch). The loss is the
+    same either way (reduction weights are global); long-tailed response lengths train much faster."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron-core distributed optimizer)."""
 

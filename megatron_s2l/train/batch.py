@@ -43,6 +43,18 @@ class TrainBatch:
         return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                              for f in dataclasses.fields(self)})
 
+    def lengths(self) -> torch.Tensor:
+        """Per row, the columns the model must see: up to the last response token (at least 1). [B]"""
+        columns = torch.arange(1, self.response_mask.shape[1] + 1, device=self.response_mask.device)
+        return (self.response_mask * columns).amax(dim=1).clamp(min=1) if self.num_sequences else columns[:0]
+
+    def trimmed(self, multiple: int = 8) -> "TrainBatch":
+        """The same rows without the padding columns no row needs (width rounded up to `multiple`)."""
+        longest = int(self.lengths().max()) if self.num_sequences else 0
+        width = min(self.tokens.shape[1], -(-longest // multiple) * multiple)
+        return TrainBatch(**{f.name: v[:, :width] if v is not None and v.dim() == 2 else v
+                             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
     @classmethod
     def from_groups(cls, groups: list[Group], advantages: list[list[float]], pad_id: int,
                     pad_to_multiple: int = 8) -> "TrainBatch":

@@ -107,10 +107,23 @@ class Learner:
             mini.weights = reduction_weights(
                 mini.response_mask, self.cfg.algorithm.reduction, mini.num_sequences,
                 mini.num_response_tokens, self.cfg.rollout.max_response_length)
-            per_rank = rows_per_mini // dp_size
-            local = mini.select(slice(dp_rank * per_rank, (dp_rank + 1) * per_rank))
-            plan.append([MicroBatch(local.select(slice(i, i + mbs))) for i in range(0, per_rank, mbs)])
+            local = mini.select(self._rows_of_rank(mini, dp_rank, dp_size))
+            grouping, pipelined = self.cfg.parallel.length_grouping, self.cfg.parallel.pp > 1
+            if grouping and pipelined:
+                local = local.trimmed()  # pipeline stages exchange activations of one shape per schedule
+            micro = [local.select(slice(i, i + mbs)) for i in range(0, local.num_sequences, mbs)]
+            if grouping and not pipelined:
+                micro = [b.trimmed() for b in micro]
+            plan.append([MicroBatch(b) for b in micro])
         return plan
+
+    def _rows_of_rank(self, mini: TrainBatch, dp_rank: int, dp_size: int) -> torch.Tensor | slice:
+        """This data-parallel rank's rows of a mini-batch: longest first, dealt round-robin (so every rank
+        gets a similar number of tokens and neighbouring rows have similar lengths), or a contiguous block."""
+        if self.cfg.parallel.length_grouping:
+            return torch.argsort(mini.lengths(), descending=True, stable=True)[dp_rank::dp_size]
+        per_rank = mini.num_sequences // dp_size
+        return slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
     # ------------------------------------------------------------------ forward pieces
 

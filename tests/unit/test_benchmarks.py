@@ -24,10 +24,13 @@ def test_bench_logprobs_reports_both_variants_and_ratios():
     assert report["peak_memory_ratio_vs_materialized"] > 0 and report["time_ratio_vs_materialized"] > 0
 
 
-def test_bench_grpo_update_runs_the_learner_update():
-    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1")
+def test_bench_grpo_update_runs_the_learner_update_with_and_without_length_grouping():
+    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1", "--lengths", "longtail")
     assert report["shape"] == "tiny" and report["sequences"] * report["seq_len"] == 8 * 64
-    assert report["bf16"]["tokens_per_s"] > 0 and report["bf16"]["mfu"] is None  # no MFU without a GPU peak
+    grouped, batch_order = report["bf16"], report["bf16_batch_order"]
+    assert grouped["length_grouping"] and not batch_order["length_grouping"]
+    assert grouped["tokens_per_s"] > 0 and grouped["mfu"] is None  # no MFU without a GPU peak
+    assert report["length_grouping_speedup"] == round(batch_order["seconds"] / grouped["seconds"], 3)
     assert "fp8" not in report  # FP8 needs Transformer Engine on CUDA
 
 
