@@ -98,7 +98,8 @@ def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_
     flops = (6 + 2 + 2) * params * tokens + attention * (10 / 6)
     peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
     platform.destroy_distributed()
-    return {"precision": precision, "length_grouping": grouping, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+    return {"precision": precision, "length_grouping": grouping, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
             "tflops": round(flops / seconds / 1e12, 2), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
@@ -132,7 +133,8 @@ def main() -> None:
         results["fp8"] = in_fresh_process(run_variant, "fp8", True, args, model_dir)
         results["fp8_speedup_vs_bf16"] = round(results["bf16"]["seconds"] / results["fp8"]["seconds"], 3)
     print(json.dumps({"benchmark": "grpo_update", "shape": args.shape, "sequences": args.sequences,
-                      "seq_len": args.seq_len, "lengths": args.lengths, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                      "seq_len": args.seq_len, "lengths": args.lengths,
+                      "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                       else "cpu (fp32: the 'bf16' entry is the default precision of this device)", **results}))
     shutil.rmtree(model_dir, ignore_errors=True)
 

@@ -23,7 +23,8 @@ if [[ -n "${WHEELS_DIR:-}" ]]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS_DIR"/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:$site"
 fi
-"$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: this suite needs a GPU")' || exit 1
+"$PYTHON" -c 'import torch, sys; torch.cuda.is_available() or sys.exit("no CUDA device: this suite needs a GPU")' \
+    || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT_DIR/device.txt" 2>&1
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' >> "$OUT_DIR/device.txt"
 cat "$OUT_DIR/device.txt"
@@ -37,7 +38,8 @@ step() {
     timeout --kill-after=10 "$STEP_TIMEOUT" "$@" > "$OUT_DIR/$name.log" 2>&1
     rc=$?
     tail -n 3 "$OUT_DIR/$name.log"
-    NAME=$name RC=$rc SECONDS_TAKEN=$(( $(date +%s) - start )) LOG="$OUT_DIR/$name.log" "$PYTHON" - >> "$SUMMARY" <<'EOF'
+    NAME=$name RC=$rc SECONDS_TAKEN=$(( $(date +%s) - start )) LOG="$OUT_DIR/$name.log" \
+        "$PYTHON" - >> "$SUMMARY" <<'EOF'
 import json, os
 result = None
 for line in reversed(open(os.environ["LOG"], errors="replace").read().splitlines()):

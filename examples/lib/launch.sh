@@ -70,21 +70,26 @@ case "$ROLE" in all|rollout|train) ;; *) fail "ROLE=$ROLE: use all, rollout or t
 IFS=, read -ra ROLLOUT_NODES <<< "$ROLLOUT_ADDR"
 ROLLOUT_HEAD=${ROLLOUT_NODES[0]}  # hosts the router, the online explorer and the pool build
 if [ "${#ROLLOUT_NODES[@]}" -gt 1 ] && [ "$ROLE" = all ]; then
-  fail "ROLLOUT_ADDR lists ${#ROLLOUT_NODES[@]} rollout nodes: run them with ROLE=rollout ROLLOUT_RANK=0..$((${#ROLLOUT_NODES[@]} - 1))" \
-       "and the training nodes with ROLE=train"
+  fail "ROLLOUT_ADDR lists ${#ROLLOUT_NODES[@]} rollout nodes: run them with ROLE=rollout" \
+       "ROLLOUT_RANK=0..$((${#ROLLOUT_NODES[@]} - 1)) and the training nodes with ROLE=train"
 fi
 [ "$ROLLOUT_RANK" -ge 0 ] 2>/dev/null && [ "$ROLLOUT_RANK" -lt "${#ROLLOUT_NODES[@]}" ] || \
   fail "ROLLOUT_RANK=$ROLLOUT_RANK is not a place in ROLLOUT_ADDR=$ROLLOUT_ADDR (0..$((${#ROLLOUT_NODES[@]} - 1)))"
 replica_gpus() {  # replica_gpus NODE: learner-replica GPUs on rollout node NODE (node 0 also holds the explorer)
   if [ "$1" = 0 ]; then echo $((ROLLOUT_GPUS - EXPLORER_GPUS)); else echo "$ROLLOUT_GPUS"; fi
 }
-REPLICA_GPUS=$(replica_gpus "$ROLLOUT_RANK")
+REPLICA_URLS=()  # every learner-replica server of the job, the same list on every node
 for node in "${!ROLLOUT_NODES[@]}"; do
   gpus_left=$(replica_gpus "$node")
   [ "$gpus_left" -gt 0 ] && [ $((gpus_left % SGLANG_TP)) = 0 ] || \
     fail "rollout node $node has $gpus_left GPUs (ROLLOUT_GPUS - EXPLORER_GPUS on node 0) for learner replicas of" \
          "SGLANG_TP=$SGLANG_TP; give the replicas a positive multiple of SGLANG_TP"
+  for i in $(seq 0 $((gpus_left / SGLANG_TP - 1))); do
+    REPLICA_URLS+=("http://${ROLLOUT_NODES[$node]}:$((REPLICA_PORT + i))")
+  done
 done
+REPLICA_GPUS=$(replica_gpus "$ROLLOUT_RANK")  # on this node
+NUM_REPLICAS=$((REPLICA_GPUS / SGLANG_TP))
 SERVES_ROLLOUTS=0 IS_ROLLOUT_HEAD=0
 if [ "$ROLE" = rollout ] || { [ "$ROLE" = all ] && [ "$NODE_RANK" = 0 ]; }; then SERVES_ROLLOUTS=1; fi
 if [ "$SERVES_ROLLOUTS" = 1 ] && [ "$ROLLOUT_RANK" = 0 ]; then IS_ROLLOUT_HEAD=1; fi
@@ -100,13 +105,6 @@ if [ "$ROLE" = all ] && [ "$TRAIN_GPUS" -le 0 ]; then
 fi
 FIRST_ROLLOUT_GPU=$((GPUS_PER_NODE - ROLLOUT_GPUS))
 if [ "$ROLE" = rollout ]; then FIRST_ROLLOUT_GPU=0; fi
-NUM_REPLICAS=$((REPLICA_GPUS / SGLANG_TP))  # on this node
-REPLICA_URLS=()  # every learner-replica server of the job, the same list on every node
-for node in "${!ROLLOUT_NODES[@]}"; do
-  for i in $(seq 0 $(($(replica_gpus "$node") / SGLANG_TP - 1))); do
-    REPLICA_URLS+=("http://${ROLLOUT_NODES[$node]}:$((REPLICA_PORT + i))")
-  done
-done
 if [ "${#REPLICA_URLS[@]}" -gt 1 ]; then
   LEARNER_URL=http://$ROLLOUT_HEAD:$ROUTER_PORT LEARNER_READY=/readiness
 else

@@ -46,12 +46,11 @@ class TrainBatch:
     def lengths(self) -> torch.Tensor:
         """Per row, the columns the model must see: up to the last response token (at least 1). [B]"""
         columns = torch.arange(1, self.response_mask.shape[1] + 1, device=self.response_mask.device)
-        return (self.response_mask * columns).amax(dim=1).clamp(min=1) if self.num_sequences else columns[:0]
+        return (self.response_mask * columns).amax(dim=1).clamp(min=1)
 
     def trimmed(self, multiple: int = 8) -> "TrainBatch":
         """The same rows without the padding columns no row needs (width rounded up to `multiple`)."""
-        longest = int(self.lengths().max()) if self.num_sequences else 0
-        width = min(self.tokens.shape[1], -(-longest // multiple) * multiple)
+        width = min(self.tokens.shape[1], _round_up(int(self.lengths().max()), multiple))
         return TrainBatch(**{f.name: v[:, :width] if v is not None and v.dim() == 2 else v
                              for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
 
@@ -63,7 +62,7 @@ class TrainBatch:
         if not samples:
             raise ValueError("no samples to train on: every group was dropped")
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s, _ in samples]
-        seq_len = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
+        seq_len = _round_up(max(lengths), pad_to_multiple)
         tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
         mask = torch.zeros(len(samples), seq_len, dtype=torch.bool)
         behaviour = torch.zeros(len(samples), seq_len)
@@ -101,3 +100,7 @@ class TrainBatch:
         empty2 = torch.zeros(0, 0)
         return cls(tokens=empty2.long(), response_mask=empty2.bool(), advantages=torch.zeros(0),
                    source=torch.zeros(0, dtype=torch.long), behaviour_logprobs=empty2)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
