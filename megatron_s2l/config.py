@@ -65,6 +65,10 @@ class ParallelConfig:
     """Put sequences of similar length in the same micro-batch, deal them evenly to data-parallel ranks,
     and cut each micro-batch's padding (with PP > 1: one width per rank and mini-batch). The loss is the
     same either way (reduction weights are global); long-tailed response lengths train much faster."""
+    sequence_parallel: bool = True
+    """With tp > 1, split the sequence over the TP ranks wherever the layers are not already TP-split (norms,
+    residual stream), as Megatron-LM's --sequence-parallel: those activations take 1/tp of the memory and
+    two all-reduces per layer become an all-gather and a reduce-scatter. Same results; no effect at tp=1."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron-core distributed optimizer)."""
 

@@ -70,9 +70,13 @@ def _combine_ranks(shard_max, sum_exp, sum_exp_l, picked, tp_group):
     return log_z, sums[1] / sums[0], sums[2]
 
 
+_NO_GRADS = (None,) * 7  # for the forward's inputs after hidden and weight (targets, settings)
+
+
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size, use_triton):
+    def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size, use_triton,
+                reduce_hidden_grad):
         # hidden [T, H], weight [V, H] (valid rows only), targets [T] global ids
         local_targets = targets - vocab_start  # [T]
         in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])  # [T]
@@ -85,7 +89,8 @@ class _FusedLogProbs(torch.autograd.Function):
             stats = _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chunk_size)
         log_z, mean_logit, target_logit = _combine_ranks(*stats, tp_group)
         ctx.save_for_backward(hidden, weight, local_targets, in_shard, log_z, mean_logit)
-        ctx.temperature, ctx.tp_group, ctx.chunk_size, ctx.use_triton = temperature, tp_group, chunk_size, use_triton
+        ctx.temperature, ctx.chunk_size, ctx.use_triton = temperature, chunk_size, use_triton
+        ctx.hidden_grad_group = tp_group if reduce_hidden_grad else None
         ctx.set_materialize_grads(False)
         return target_logit - log_z, log_z - mean_logit
 
@@ -115,10 +120,10 @@ class _FusedLogProbs(torch.autograd.Function):
             if need_weight:
                 grad_weight.add_(torch.matmul(grad_logits.t(), hidden[rows]).float())
         if need_hidden:  # every TP rank holds part of the vocab: sum the partial input gradients
-            _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
+            _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.hidden_grad_group)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, *_NO_GRADS)
 
 
 def _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad_logprobs, grad_entropy):
@@ -129,8 +134,8 @@ def _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad
         hidden, weight, local_targets.int(), log_z, mean_logit,
         zeros if grad_logprobs is None else grad_logprobs.float().contiguous(),
         zeros if grad_entropy is None else grad_entropy.float().contiguous(), ctx.temperature)
-    _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
-    return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None, None
+    _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.hidden_grad_group)
+    return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), *_NO_GRADS)
 
 
 def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard):
@@ -162,6 +167,7 @@ def vocab_parallel_logprobs(
     tp_group=None,
     chunk_size: int = 1024,
     impl: str = "auto",
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy under softmax(hidden @ weight.T / temperature).
 
@@ -170,6 +176,8 @@ def vocab_parallel_logprobs(
     softmax. Returns fp32 (logprobs [T], entropy [T]); both are differentiable with respect to hidden
     and weight (the entropy term costs nothing when its gradient is not needed).
     `impl`: "torch" (chunked), "triton" (fused kernels, logprobs_triton.py) or "auto" (triton on CUDA).
+    `reduce_hidden_grad`: all-reduce hidden's gradient over `tp_group` (each rank's is partial); False when
+    the caller reduces it (sequence parallelism: the gather of hidden reduce-scatters it in backward).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [T, H] and targets [T], got {tuple(hidden.shape)} and "
@@ -181,7 +189,7 @@ def vocab_parallel_logprobs(
         raise ValueError(f"algorithm.logprob_impl={impl!r}: use auto, torch or triton")
     use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda and _have_triton())
     return _FusedLogProbs.apply(hidden.contiguous(), weight.contiguous(), targets, float(temperature),
-                                int(vocab_start), tp_group, int(chunk_size), use_triton)
+                                int(vocab_start), tp_group, int(chunk_size), use_triton, reduce_hidden_grad)
 
 
 def _have_triton() -> bool:

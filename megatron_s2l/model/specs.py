@@ -2,7 +2,8 @@
 
 The three families share one decoder shape (pre-RMSNorm, SwiGLU MLP, RoPE, GQA); they differ only in
 QK-norm (Qwen3), QKV bias (Qwen2) and head_dim (explicit in Qwen3/Llama configs). We use megatron-core's
-stock spec functions: the Transformer Engine spec on CUDA when TE is installed, the local spec otherwise.
+stock spec functions: the Transformer Engine spec on CUDA when TE is installed, the local spec otherwise
+(with one substitution: its torch RMSNorm refuses sequence parallelism, ours supports it).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tp,
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         pipeline_model_parallel_size=parallel.pp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -165,13 +167,37 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
     )
 
 
-def layer_spec(args: ModelArgs, use_te: bool):
-    """megatron-core's stock GPT layer spec (TE or local) with QK-norm when the family has it."""
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm built the way megatron-core builds norms, for the local spec.
+
+    megatron-core's own torch wrapper refuses sequence parallelism. With it, each TP rank normalises its
+    own slice of the sequence, so the weight's gradient is partial: the `sequence_parallel` mark makes
+    megatron-core's finalize_model_grads sum it over the TP group (as TE's and apex's norms do).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(args: ModelArgs, use_te: bool, config):
+    """megatron-core's stock GPT layer spec with QK-norm when the family has it: TE's (a layer spec), or
+    the local one as a block spec (this stage's layers and the final norm) with our RMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
+    layer = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
+    attention = layer.submodules.self_attention.submodules
+    for owner, name in ((layer.submodules, "input_layernorm"), (layer.submodules, "pre_mlp_layernorm"),
+                        (attention, "q_layernorm"), (attention, "k_layernorm")):
+        if getattr(owner, name) is not IdentityOp:
+            setattr(owner, name, RMSNorm)
+    layers = [layer] * get_num_layers_to_build(config)  # this pipeline stage's
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
 def build_gpt_model(args: ModelArgs, model_cfg: ModelConfig, parallel: ParallelConfig):
@@ -182,7 +208,7 @@ def build_gpt_model(args: ModelArgs, model_cfg: ModelConfig, parallel: ParallelC
     config = transformer_config(args, model_cfg, parallel)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args, use_transformer_engine(model_cfg)),
+        transformer_layer_spec=layer_spec(args, use_transformer_engine(model_cfg), config),
         vocab_size=args.padded_vocab_size(model_cfg.make_vocab_size_divisible_by, parallel.tp),
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -49,9 +49,15 @@ class TrainBatch:
         return (self.response_mask * columns).amax(dim=1).clamp(min=1)
 
     def trimmed(self, multiple: int = 8) -> "TrainBatch":
-        """The same rows without the padding columns no row needs (width rounded up to `multiple`)."""
-        width = min(self.tokens.shape[1], _round_up(int(self.lengths().max()), multiple))
-        return TrainBatch(**{f.name: v[:, :width] if v is not None and v.dim() == 2 else v
+        """The same rows without the padding columns no row needs: width = longest row rounded up to
+        `multiple` (zero columns are added when the batch is narrower than that)."""
+        width = _round_up(int(self.lengths().max()), multiple)
+
+        def fit(v: torch.Tensor) -> torch.Tensor:
+            extra = v.new_zeros(v.shape[0], max(0, width - v.shape[1]))
+            return torch.cat([v[:, :width], extra], dim=1)
+
+        return TrainBatch(**{f.name: fit(v) if v is not None and v.dim() == 2 else v
                              for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
 
     @classmethod

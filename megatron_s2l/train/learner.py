@@ -101,6 +101,9 @@ class Learner:
                 f"batch of {batch.num_sequences} sequences cannot be split into "
                 f"optimizer.mini_batches_per_step={num_mini} x data-parallel {dp_size} x "
                 f"parallel.micro_batch_size={mbs}; make prompts_per_step * group_size divisible by their product")
+        # sequence parallelism splits every micro-batch's width over the TP ranks
+        multiple = math.lcm(8, self.cfg.parallel.tp) if self._sequence_parallel else 8
+        batch = batch.trimmed(multiple)
         plan = []
         for m in range(num_mini):
             mini = batch.select(slice(m * rows_per_mini, (m + 1) * rows_per_mini))
@@ -110,10 +113,10 @@ class Learner:
             local = mini.select(self._rows_of_rank(mini, dp_rank, dp_size))
             grouping, pipelined = self.cfg.parallel.length_grouping, self.cfg.parallel.pp > 1
             if grouping and pipelined:
-                local = local.trimmed()  # pipeline stages exchange activations of one shape per schedule
+                local = local.trimmed(multiple)  # pipeline stages exchange one activation shape
             micro = [local.select(slice(i, i + mbs)) for i in range(0, local.num_sequences, mbs)]
             if grouping and not pipelined:
-                micro = [b.trimmed() for b in micro]
+                micro = [b.trimmed(multiple) for b in micro]
             plan.append([MicroBatch(b) for b in micro])
         return plan
 
@@ -132,8 +135,13 @@ class Learner:
         """Log-probs and entropy [b, S] of the response tokens from hidden states [S, b, H]."""
         from megatron.core import parallel_state
 
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
         gpt = convert.unwrap(model)
         weight = gpt.shared_embedding_or_output_weight() if self.args.tie_embeddings else gpt.output_layer.weight
+        if self._sequence_parallel:  # each TP rank holds S / tp positions [S/tp, b, H]; its backward
+            # reduce-scatters the TP ranks' partial gradients (each rank scores only its vocab shard)
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         hidden = hidden.transpose(0, 1)  # [b, S, H]
         targets_mask = batch.response_mask[:, 1:]  # token s is predicted from position s - 1
         selected = hidden[:, :-1][targets_mask]  # [N, H]
@@ -143,7 +151,8 @@ class Learner:
             selected, weight, targets, temperature=self.cfg.rollout.temperature,
             vocab_start=tp_rank * weight.shape[0], vocab_size=self.args.vocab_size,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
-            chunk_size=self.cfg.algorithm.logprob_chunk_size, impl=self.cfg.algorithm.logprob_impl)
+            chunk_size=self.cfg.algorithm.logprob_chunk_size, impl=self.cfg.algorithm.logprob_impl,
+            reduce_hidden_grad=not self._sequence_parallel)
         full = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=hidden.device)
         return full.masked_scatter(batch.response_mask, logprobs), full.masked_scatter(batch.response_mask, entropy)
 
@@ -163,6 +172,10 @@ class Learner:
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=seq_len,
             micro_batch_size=micro_batches[0].batch.num_sequences, forward_only=forward_only)
+
+    @property
+    def _sequence_parallel(self) -> bool:
+        return convert.unwrap(self.model).config.sequence_parallel
 
     @property
     def _device(self) -> torch.device:

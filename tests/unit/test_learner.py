@@ -93,6 +93,18 @@ def test_length_grouping_deals_every_row_once_balanced_and_trimmed(learner, monk
     assert min(b.tokens.shape[1] for micro_batches in ranks for b in micro_batches) < 40  # padding was cut
 
 
+def test_trimmed_cuts_or_pads_to_the_multiple():
+    batch = fixed_batch(num_sequences=4, seq_len=40)
+    longest = int(batch.lengths().max())
+    cut = batch.trimmed(8)
+    assert cut.tokens.shape[1] == -(-longest // 8) * 8 <= 40
+    padded = batch.trimmed(48)  # e.g. sequence parallelism at TP=6 needs a multiple of lcm(8, 6) = 24
+    assert padded.tokens.shape[1] == 48 and padded.response_mask.shape[1] == 48
+    assert torch.equal(padded.tokens[:, :40], batch.tokens)
+    assert torch.equal(padded.advantages, batch.advantages)
+    assert not padded.response_mask[:, 40:].any() and padded.response_mask.sum() == batch.response_mask.sum()
+
+
 def test_length_grouping_trains_like_batch_order(mcore_world1, tmp_path):
     from tests.utils import make_tiny_model
 

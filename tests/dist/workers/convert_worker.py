@@ -14,10 +14,14 @@ import torch
 
 
 def forward_logits(model, ids: torch.Tensor, vocab_size: int):
-    """Full-vocabulary logits through megatron-core's pipeline schedule (None off the last stage)."""
+    """Full-vocabulary logits through megatron-core's pipeline schedule (None off the last stage).
+    Right padding to a multiple of TP (sequence parallelism splits the sequence) changes no earlier logit."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    seq_len, tp = ids.shape[1], parallel_state.get_tensor_model_parallel_world_size()
+    ids = torch.nn.functional.pad(ids, (0, -seq_len % tp))
 
     def step(data_iterator, model):
         batch = next(data_iterator)
@@ -31,7 +35,7 @@ def forward_logits(model, ids: torch.Tensor, vocab_size: int):
     if not parallel_state.is_pipeline_last_stage():
         return None
     logits = torch.cat([o["logits"] for o in outputs], dim=0)
-    return gather_from_tensor_model_parallel_region(logits)[..., :vocab_size]
+    return gather_from_tensor_model_parallel_region(logits)[:, :seq_len, :vocab_size]
 
 
 def main():

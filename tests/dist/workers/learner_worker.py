@@ -1,7 +1,9 @@
 """torchrun worker: two learner updates on a fixed batch at a given layout.
 
 argv: HF_DIR OUT_DIR TP PP MICRO_BATCH_SIZE DISTRIBUTED_OPTIMIZER(0|1) MINI_BATCHES_PER_STEP
-Rank 0 writes OUT_DIR/metrics.json (per update) and OUT_DIR/params.safetensors (HF names, after).
+      SEQUENCE_PARALLEL(0|1)
+Rank 0 writes OUT_DIR/metrics.json (per update), OUT_DIR/layout.json (what megatron-core ran) and
+OUT_DIR/params.safetensors (HF names, after).
 Adam with a huge eps and lr makes each update ~ -gradient, so the parameters compare gradients.
 """
 
@@ -22,10 +24,12 @@ def main():
     from tests.learner_fixtures import fixed_batch, learner_config
 
     hf_dir, out_dir = sys.argv[1], Path(sys.argv[2])
-    tp, pp, mbs, distopt, mini = map(int, sys.argv[3:8])
+    tp, pp, mbs, distopt, mini, sp = map(int, sys.argv[3:9])
     platform.init_distributed(tp, pp)
     cfg = learner_config(**{"parallel.tp": tp, "parallel.pp": pp, "parallel.micro_batch_size": mbs,
-                            "parallel.use_distributed_optimizer": bool(distopt), "optimizer.lr": 1e3,
+                            "parallel.use_distributed_optimizer": bool(distopt),
+                            "parallel.sequence_parallel": bool(sp),
+                            "optimizer.lr": 1e3,
                             "optimizer.mini_batches_per_step": mini, "rollout.prompts_per_step": 16,
                             "optimizer.adam_eps": 1e3, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0,
                             "algorithm.entropy_coef": 0.01, "algorithm.kl_coef": 0.05})
@@ -40,6 +44,8 @@ def main():
     params = dict(convert.iter_hf_tensors(learner.model, learner.args))
     if dist.get_rank() == 0:
         (out_dir / "metrics.json").write_text(json.dumps(history))
+        ran = {"sequence_parallel": learner.model.config.sequence_parallel}
+        (out_dir / "layout.json").write_text(json.dumps(ran))
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
     platform.destroy_distributed()
 
