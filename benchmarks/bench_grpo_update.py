@@ -9,9 +9,11 @@ JSON line.
     python benchmarks/bench_grpo_update.py --json                 # GPU: BF16 and FP8
     python benchmarks/bench_grpo_update.py --json --shape tiny    # a CPU smoke run of the same path
     python benchmarks/bench_grpo_update.py --json --lengths longtail   # parallel.length_grouping on vs off
+    python benchmarks/bench_grpo_update.py --json --lengths longtail --micro-batch-tokens 16384
 
 `--lengths longtail` draws response lengths as RL on reasoning tends to produce them (most short, a few
-at the limit) and compares length-grouped, trimmed micro-batches with batch-order ones at full padding.
+at the limit) and compares length-grouped, trimmed micro-batches with batch-order ones at full padding;
+with `--micro-batch-tokens` it adds micro-batches filled up to that many tokens (parallel.micro_batch_tokens).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def synthetic_batch(args: argparse.Namespace):
                       behaviour_logprobs=torch.zeros(args.sequences, args.seq_len))
 
 
-def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_dir: str) -> dict:
+def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_dir: str,
+                micro_batch_tokens: int = 0) -> dict:
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
     from megatron_s2l.train.learner import build_learner
@@ -70,7 +73,7 @@ def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_
     overrides = {"model.dtype": "bfloat16" if on_gpu else "float32", "explorer.mode": "off",
                  "parallel.micro_batch_size": args.micro_batch_size, "rollout.prompts_per_step": args.sequences,
                  "rollout.group_size": 1, "rollout.max_response_length": args.seq_len, "optimizer.lr": 1e-6,
-                 "parallel.length_grouping": grouping}
+                 "parallel.length_grouping": grouping, "parallel.micro_batch_tokens": micro_batch_tokens}
     if precision == "fp8":
         overrides |= {"model.fp8.recipe": "delayed", "model.transformer_impl": "transformer_engine"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
@@ -98,7 +101,8 @@ def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_
     flops = (6 + 2 + 2) * params * tokens + attention * (10 / 6)
     peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
     platform.destroy_distributed()
-    return {"precision": precision, "length_grouping": grouping, "seconds": round(seconds, 3),
+    return {"precision": precision, "length_grouping": grouping, "micro_batch_tokens": micro_batch_tokens,
+            "micro_batches": sum(len(micro_batches) for micro_batches in plan), "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
             "tflops": round(flops / seconds / 1e12, 2), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, help="default: 32 (tiny: 8)")
     parser.add_argument("--seq-len", type=int, help="default: 2048 (tiny: 64)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="with --lengths longtail: also run micro-batches of up to this many tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", choices=["full", "longtail"], default="full",
                         help="response lengths: all at the limit, or long-tailed (compares length grouping)")
@@ -128,6 +134,11 @@ def main() -> None:
         results["bf16_batch_order"] = in_fresh_process(run_variant, "bf16", False, args, model_dir)
         results["length_grouping_speedup"] = round(results["bf16_batch_order"]["seconds"]
                                                    / results["bf16"]["seconds"], 3)
+        if args.micro_batch_tokens:
+            results["bf16_token_budget"] = in_fresh_process(run_variant, "bf16", True, args, model_dir,
+                                                            args.micro_batch_tokens)
+            results["token_budget_speedup"] = round(results["bf16"]["seconds"]
+                                                    / results["bf16_token_budget"]["seconds"], 3)
     have_te = torch.cuda.is_available() and __import__("importlib").util.find_spec("transformer_engine")
     if have_te:
         results["fp8"] = in_fresh_process(run_variant, "fp8", True, args, model_dir)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one go, for one GPU machine (about 9 minutes on an H100/H200):
+# Every GPU check of this project in one go, for one GPU machine (about 10 minutes on an H100/H200):
 # the `gpu` tests, then each benchmark on the device. A step that fails is recorded and the rest still run.
 #
 #   bash benchmarks/run_gpu_suite.sh [OUT_DIR]          # default OUT_DIR: runs/gpu_suite
@@ -61,6 +61,7 @@ step logprobs_tp1 "$PYTHON" benchmarks/bench_logprobs.py --json --device cuda --
     --dtype bfloat16 --repeats 3
 step grpo_update "$PYTHON" benchmarks/bench_grpo_update.py --json --shape qwen3-1.7b
 step grpo_update_longtail "$PYTHON" benchmarks/bench_grpo_update.py --json --shape qwen3-1.7b --lengths longtail \
+    --micro-batch-tokens 16384 \
     --repeats 2
 step weight_sync "$PYTHON" benchmarks/bench_weight_sync.py --json
 echo "== summary ($SUMMARY)"

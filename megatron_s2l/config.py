@@ -60,11 +60,16 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size; must divide the number of layers."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch in the learner's forward/backward."""
+    """Sequences per micro-batch in the learner's forward/backward (unless micro_batch_tokens is set)."""
+    micro_batch_tokens: int = 0
+    """When > 0, a micro-batch holds as many of the length-sorted sequences as fit in this many padded
+    tokens (at least one): short responses share a forward, a long one runs alone, so one setting suits the
+    whole long-tailed length distribution (as slime's --max-tokens-per-gpu). Needs length_grouping."""
     length_grouping: bool = True
     """Put sequences of similar length in the same micro-batch, deal them evenly to data-parallel ranks,
-    and cut each micro-batch's padding (with PP > 1: one width per rank and mini-batch). The loss is the
-    same either way (reduction weights are global); long-tailed response lengths train much faster."""
+    and cut each micro-batch's padding (with PP > 1 activations then carry their shape between stages).
+    The loss is the same either way (reduction weights are global); long-tailed response lengths train
+    much faster."""
     sequence_parallel: bool = True
     """With tp > 1, split the sequence over the TP ranks wherever the layers are not already TP-split (norms,
     residual stream), as Megatron-LM's --sequence-parallel: those activations take 1/tp of the memory and
@@ -76,6 +81,16 @@ class ParallelConfig:
         for name in ("tp", "pp", "micro_batch_size"):
             value = getattr(self, name)
             _check(value >= 1, f"parallel.{name}", value, "use an integer >= 1")
+        _check(self.micro_batch_tokens >= 0, "parallel.micro_batch_tokens", self.micro_batch_tokens,
+               "use 0 (micro_batch_size sequences per micro-batch) or a token budget such as 16384")
+        _check(self.length_grouping or not self.micro_batch_tokens, "parallel.micro_batch_tokens",
+               self.micro_batch_tokens, "it fills micro-batches with length-sorted sequences: set "
+               "parallel.length_grouping=true, or parallel.micro_batch_tokens=0")
+
+    @property
+    def sequences_multiple(self) -> int:
+        """Each data-parallel rank's share of a mini-batch must be a multiple of this many sequences."""
+        return 1 if self.micro_batch_tokens else self.micro_batch_size
 
 
 @dataclasses.dataclass

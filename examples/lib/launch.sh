@@ -33,6 +33,8 @@ fi
 : "${TP:=4}"                      # learner tensor parallel
 : "${PP:=1}"                      # learner pipeline parallel
 : "${MICRO_BATCH_SIZE:=2}"
+: "${MICRO_BATCH_TOKENS:=0}"      # > 0: micro-batches filled up to this many tokens (e.g. 9216 =
+                                  # 2 x (512 + 4096)); 0: MICRO_BATCH_SIZE sequences each
 : "${SGLANG_TP:=1}"               # tensor parallel inside each learner-replica server
 : "${ROUTER_PORT:=30000}"         # the learner replica's entry point (sglang-router, or the only server)
 : "${REPLICA_PORT:=30100}"        # learner-replica server i listens on REPLICA_PORT + i
@@ -180,7 +182,8 @@ start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (
 launch() {
   local overrides=(
     "model.path=$LEARNER" "data.path=$DATA" "parallel.tp=$TP" "parallel.pp=$PP"
-    "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "rollout.engine=sglang" "rollout.weight_sync=$WEIGHT_SYNC"
+    "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "parallel.micro_batch_tokens=$MICRO_BATCH_TOKENS"
+    "rollout.engine=sglang" "rollout.weight_sync=$WEIGHT_SYNC"
     "rollout.learner_url=$LEARNER_URL" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
     "logging.run_dir=$RUN_DIR" "logging.wandb=$WANDB" "logging.wandb_mode=$WANDB_MODE"
   )

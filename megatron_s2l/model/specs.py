@@ -150,6 +150,8 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tp,
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        variable_seq_lengths=parallel.pp > 1 and parallel.length_grouping,  # each micro-batch its own shape
+        moe_token_dispatcher_type="alltoall",  # unused (dense); the default refuses variable_seq_lengths
         pipeline_model_parallel_size=parallel.pp,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,

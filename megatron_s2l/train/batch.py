@@ -51,7 +51,7 @@ class TrainBatch:
     def trimmed(self, multiple: int = 8) -> "TrainBatch":
         """The same rows without the padding columns no row needs: width = longest row rounded up to
         `multiple` (zero columns are added when the batch is narrower than that)."""
-        width = _round_up(int(self.lengths().max()), multiple)
+        width = round_up(int(self.lengths().max()), multiple)
 
         def fit(v: torch.Tensor) -> torch.Tensor:
             extra = v.new_zeros(v.shape[0], max(0, width - v.shape[1]))
@@ -68,7 +68,7 @@ class TrainBatch:
         if not samples:
             raise ValueError("no samples to train on: every group was dropped")
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s, _ in samples]
-        seq_len = _round_up(max(lengths), pad_to_multiple)
+        seq_len = round_up(max(lengths), pad_to_multiple)
         tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)
         mask = torch.zeros(len(samples), seq_len, dtype=torch.bool)
         behaviour = torch.zeros(len(samples), seq_len)
@@ -108,5 +108,6 @@ class TrainBatch:
                    source=torch.zeros(0, dtype=torch.long), behaviour_logprobs=empty2)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """The least multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple

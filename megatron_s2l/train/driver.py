@@ -65,7 +65,7 @@ class RolloutSide:
         """Groups per step must make a batch that splits into mini-batches x DP ranks x micro-batches."""
         import math
 
-        rows = self.cfg.optimizer.mini_batches_per_step * self.dp_size * self.cfg.parallel.micro_batch_size
+        rows = self.cfg.optimizer.mini_batches_per_step * self.dp_size * self.cfg.parallel.sequences_multiple
         return rows // math.gcd(rows, self.cfg.rollout.group_size)
 
     def eval_due(self, step: int, total: int) -> bool:

@@ -27,7 +27,7 @@ from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from megatron_s2l.algo.loss import LossInputs, finalize_metrics, policy_loss, reduction_weights
 from megatron_s2l.config import RunConfig
 from megatron_s2l.model import convert, specs
-from megatron_s2l.train.batch import TrainBatch
+from megatron_s2l.train.batch import TrainBatch, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +92,18 @@ class Learner:
 
     def plan(self, batch: TrainBatch) -> list[list[MicroBatch]]:
         """Mini-batches -> this DP rank's rows -> micro-batches, with global reduction weights."""
+        parallel = self.cfg.parallel
         num_mini = self.cfg.optimizer.mini_batches_per_step
         dp_rank, dp_size = self._dp_rank_size()
-        mbs = self.cfg.parallel.micro_batch_size
         rows_per_mini = batch.num_sequences // num_mini
-        if batch.num_sequences % (num_mini * dp_size * mbs):
-            raise ValueError(
-                f"batch of {batch.num_sequences} sequences cannot be split into "
-                f"optimizer.mini_batches_per_step={num_mini} x data-parallel {dp_size} x "
-                f"parallel.micro_batch_size={mbs}; make prompts_per_step * group_size divisible by their product")
+        if batch.num_sequences % (num_mini * dp_size * parallel.sequences_multiple):
+            parts = f"optimizer.mini_batches_per_step={num_mini} x data-parallel {dp_size}"
+            if not parallel.micro_batch_tokens:
+                parts += f" x parallel.micro_batch_size={parallel.micro_batch_size}"
+            raise ValueError(f"batch of {batch.num_sequences} sequences cannot be split into {parts}; "
+                             "make prompts_per_step * group_size divisible by their product")
         # sequence parallelism splits every micro-batch's width over the TP ranks
-        multiple = math.lcm(8, self.cfg.parallel.tp) if self._sequence_parallel else 8
+        multiple = math.lcm(8, parallel.tp) if self._sequence_parallel else 8
         batch = batch.trimmed(multiple)
         plan = []
         for m in range(num_mini):
@@ -111,14 +112,26 @@ class Learner:
                 mini.response_mask, self.cfg.algorithm.reduction, mini.num_sequences,
                 mini.num_response_tokens, self.cfg.rollout.max_response_length)
             local = mini.select(self._rows_of_rank(mini, dp_rank, dp_size))
-            grouping, pipelined = self.cfg.parallel.length_grouping, self.cfg.parallel.pp > 1
-            if grouping and pipelined:
-                local = local.trimmed(multiple)  # pipeline stages exchange one activation shape
-            micro = [local.select(slice(i, i + mbs)) for i in range(0, local.num_sequences, mbs)]
-            if grouping and not pipelined:
+            micro = [local.select(rows) for rows in self._micro_batch_rows(local, multiple)]
+            if parallel.length_grouping:
                 micro = [b.trimmed(multiple) for b in micro]
             plan.append([MicroBatch(b) for b in micro])
         return plan
+
+    def _micro_batch_rows(self, local: TrainBatch, multiple: int) -> list[slice]:
+        """Consecutive rows per micro-batch: micro_batch_size of them, or as many of the (longest-first)
+        rows as fit in micro_batch_tokens padded positions, at least one."""
+        budget, num_rows = self.cfg.parallel.micro_batch_tokens, local.num_sequences
+        if not budget:
+            size = self.cfg.parallel.micro_batch_size
+            return [slice(i, i + size) for i in range(0, num_rows, size)]
+        widths = [round_up(n, multiple) for n in local.lengths().tolist()]
+        slices, start = [], 0
+        while start < num_rows:
+            count = max(1, budget // widths[start])  # the first row is the micro-batch's longest
+            slices.append(slice(start, start + count))
+            start += count
+        return slices
 
     def _rows_of_rank(self, mini: TrainBatch, dp_rank: int, dp_size: int) -> torch.Tensor | slice:
         """This data-parallel rank's rows of a mini-batch: longest first, dealt round-robin (so every rank

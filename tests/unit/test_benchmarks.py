@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.utils import REPO, run_process
 
 
@@ -25,13 +27,26 @@ def test_bench_logprobs_reports_both_variants_and_ratios():
 
 
 def test_bench_grpo_update_runs_the_learner_update_with_and_without_length_grouping():
-    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1", "--lengths", "longtail")
+    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1", "--lengths", "longtail",
+                    "--micro-batch-tokens", "128")
     assert report["shape"] == "tiny" and report["sequences"] * report["seq_len"] == 8 * 64
     grouped, batch_order = report["bf16"], report["bf16_batch_order"]
     assert grouped["length_grouping"] and not batch_order["length_grouping"]
     assert grouped["tokens_per_s"] > 0 and grouped["mfu"] is None  # no MFU without a GPU peak
     assert report["length_grouping_speedup"] == round(batch_order["seconds"] / grouped["seconds"], 3)
+    budget = report["bf16_token_budget"]
+    assert budget["micro_batch_tokens"] == 128 and budget["micro_batches"] != grouped["micro_batches"]
+    assert report["token_budget_speedup"] == round(grouped["seconds"] / budget["seconds"], 3)
     assert "fp8" not in report  # FP8 needs Transformer Engine on CUDA
+
+
+def test_bench_sequence_parallel_keeps_the_loss_and_saves_fewer_activations():
+    report = _bench("bench_sequence_parallel.py", "--tp", "2", "--sequences", "2", "--seq-len", "64")
+    off, on = report["sp_off"], report["sp_on"]
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-5)
+    assert on["saved_activation_bytes"] < off["saved_activation_bytes"]  # norms, residuals: 1/TP
+    assert report["activation_memory_ratio_off_vs_on"] == round(off["saved_activation_bytes"]
+                                                                / on["saved_activation_bytes"], 3)
 
 
 def test_gpu_suite_refuses_to_run_without_cuda(tmp_path):

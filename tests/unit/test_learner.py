@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_s2l.config import ConfigError
 from megatron_s2l.model import convert
 from megatron_s2l.train.learner import build_learner
 from tests.learner_fixtures import fixed_batch, learner_config
@@ -93,6 +94,23 @@ def test_length_grouping_deals_every_row_once_balanced_and_trimmed(learner, monk
     assert min(b.tokens.shape[1] for micro_batches in ranks for b in micro_batches) < 40  # padding was cut
 
 
+def test_token_budget_fills_micro_batches_longest_first(learner, monkeypatch):
+    monkeypatch.setattr(learner.cfg.parallel, "micro_batch_tokens", 48)
+    batch = fixed_batch(num_sequences=8, seq_len=40)
+    (micro_batches,) = learner.plan(batch)
+    widths = [m.batch.tokens.shape[1] for m in micro_batches]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
+    sizes = [m.batch.num_sequences for m in micro_batches]
+    assert sum(sizes) == 8 and len(set(sizes)) > 1  # short rows share a micro-batch, long ones do not
+    for size, width in zip(sizes, widths):
+        assert size * width <= 48 or size == 1
+
+
+def test_token_budget_needs_length_grouping():
+    with pytest.raises(ConfigError, match="parallel.micro_batch_tokens.*length_grouping=true"):
+        learner_config(**{"parallel.micro_batch_tokens": 64, "parallel.length_grouping": False})
+
+
 def test_trimmed_cuts_or_pads_to_the_multiple():
     batch = fixed_batch(num_sequences=4, seq_len=40)
     longest = int(batch.lengths().max())
@@ -110,18 +128,24 @@ def test_length_grouping_trains_like_batch_order(mcore_world1, tmp_path):
 
     hf_dir = make_tiny_model(tmp_path, num_hidden_layers=2, seed=5)
     runs = {}
-    for grouping in (False, True):
+    for name, grouping, tokens in (("plain", False, 0), ("grouped", True, 0), ("token_budget", True, 64)):
         learner = build_learner(learner_config(**{"parallel.length_grouping": grouping,
+                                                  "parallel.micro_batch_tokens": tokens,
                                                   "optimizer.mini_batches_per_step": 2}), str(hf_dir))
         plan = learner.plan(fixed_batch(num_sequences=8, seq_len=40))
         learner.compute_logprobs(plan)
         learner.compute_logprobs(plan, reference=True)
-        runs[grouping] = learner.train_step(plan), _weights(learner), [m.batch.tokens.shape[1] for p in plan for m in p]
-    (plain, plain_weights, plain_widths), (grouped, grouped_weights, grouped_widths) = runs[False], runs[True]
-    assert set(plain_widths) == {40} and sum(grouped_widths) < sum(plain_widths)
-    for key in ("loss/total", "train/grad_norm", "loss/pg/explorer", "loss/pg/learner", "loss/entropy", "loss/kl"):
-        assert grouped[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
-    # Adam's step is ~lr x grad / |grad|, so fp32 rounding in a gradient that is ~0 can move that weight by a
-    # few % of lr (1e-3); everywhere else the two runs agree to rounding
-    diffs = torch.cat([(grouped_weights[name] - value).abs().flatten() for name, value in plain_weights.items()])
-    assert diffs.max() < 5e-5 and diffs.median() < 1e-7 and (diffs > 1e-6).float().mean() < 1e-3
+        shapes = [m.batch.tokens.shape for micro_batches in plan for m in micro_batches]
+        runs[name] = learner.train_step(plan), _weights(learner), shapes
+    plain, plain_weights, plain_shapes = runs.pop("plain")
+    assert {width for _, width in plain_shapes} == {40}
+    for name, (metrics, weights, shapes) in runs.items():
+        assert sum(rows * width for rows, width in shapes) < 8 * 40, name  # padded positions
+        for key in ("loss/total", "train/grad_norm", "loss/pg/explorer", "loss/pg/learner", "loss/entropy",
+                    "loss/kl"):
+            assert metrics[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), (name, key)
+        # Adam's step is ~lr x grad / |grad|, so fp32 rounding in a gradient that is ~0 can move that weight
+        # by a few % of lr (1e-3); everywhere else the runs agree to rounding
+        diffs = torch.cat([(weights[key] - value).abs().flatten() for key, value in plain_weights.items()])
+        assert diffs.max() < 5e-5 and diffs.median() < 1e-7 and (diffs > 1e-6).float().mean() < 1e-3, name
+    assert len(runs["token_budget"][2]) != len(runs["grouped"][2])  # the budget changed the micro-batches

@@ -1,7 +1,7 @@
 """torchrun worker: two learner updates on a fixed batch at a given layout.
 
 argv: HF_DIR OUT_DIR TP PP MICRO_BATCH_SIZE DISTRIBUTED_OPTIMIZER(0|1) MINI_BATCHES_PER_STEP
-      SEQUENCE_PARALLEL(0|1)
+      SEQUENCE_PARALLEL(0|1) MICRO_BATCH_TOKENS
 Rank 0 writes OUT_DIR/metrics.json (per update), OUT_DIR/layout.json (what megatron-core ran) and
 OUT_DIR/params.safetensors (HF names, after).
 Adam with a huge eps and lr makes each update ~ -gradient, so the parameters compare gradients.
@@ -24,11 +24,11 @@ def main():
     from tests.learner_fixtures import fixed_batch, learner_config
 
     hf_dir, out_dir = sys.argv[1], Path(sys.argv[2])
-    tp, pp, mbs, distopt, mini, sp = map(int, sys.argv[3:9])
+    tp, pp, mbs, distopt, mini, sp, tokens = map(int, sys.argv[3:10])
     platform.init_distributed(tp, pp)
     cfg = learner_config(**{"parallel.tp": tp, "parallel.pp": pp, "parallel.micro_batch_size": mbs,
                             "parallel.use_distributed_optimizer": bool(distopt),
-                            "parallel.sequence_parallel": bool(sp),
+                            "parallel.sequence_parallel": bool(sp), "parallel.micro_batch_tokens": tokens,
                             "optimizer.lr": 1e3,
                             "optimizer.mini_batches_per_step": mini, "rollout.prompts_per_step": 16,
                             "optimizer.adam_eps": 1e3, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0,
@@ -44,7 +44,8 @@ def main():
     params = dict(convert.iter_hf_tensors(learner.model, learner.args))
     if dist.get_rank() == 0:
         (out_dir / "metrics.json").write_text(json.dumps(history))
-        ran = {"sequence_parallel": learner.model.config.sequence_parallel}
+        ran = {"sequence_parallel": learner.model.config.sequence_parallel,
+               "micro_batches": [len(micro_batches) for micro_batches in plan]}
         (out_dir / "layout.json").write_text(json.dumps(ran))
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
     platform.destroy_distributed()
