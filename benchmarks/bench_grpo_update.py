@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from common import in_fresh_process  # benchmarks/ is the script's directory
+from common import in_fresh_process, synthetic_batch  # benchmarks/ is the script's directory
 
 SHAPES = {
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -38,28 +38,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense BF16
 
 def _peak(name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def synthetic_batch(args: argparse.Namespace):
-    """Prompts of a quarter of seq_len; responses fill the rest (`full`) or follow a long tail."""
-    from megatron_s2l.train.batch import TrainBatch
-
-    gen = torch.Generator().manual_seed(0)
-    prompt = args.seq_len // 4
-    if args.lengths == "full":
-        response = torch.full((args.sequences,), args.seq_len - prompt)
-    else:  # u^3 of the response budget: median ~1/8, a few near the limit
-        u = torch.rand(args.sequences, generator=gen)
-        response = (u ** 3 * (args.seq_len - prompt)).long().clamp(min=1)
-        response[0] = args.seq_len - prompt  # one sequence at the limit, as in every real step
-    mask = torch.zeros(args.sequences, args.seq_len, dtype=torch.bool)
-    for row, length in enumerate(response.tolist()):
-        mask[row, prompt:prompt + length] = True
-    vocab = SHAPES[args.shape]["vocab_size"]
-    return TrainBatch(tokens=torch.randint(0, vocab, (args.sequences, args.seq_len), generator=gen),
-                      response_mask=mask, advantages=torch.randn(args.sequences, generator=gen),
-                      source=torch.ones(args.sequences, dtype=torch.long),
-                      behaviour_logprobs=torch.zeros(args.sequences, args.seq_len))
 
 
 def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_dir: str,
@@ -78,7 +56,7 @@ def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_
         overrides |= {"model.fp8.recipe": "delayed", "model.transformer_impl": "transformer_engine"}
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     learner = build_learner(cfg, model_dir)
-    batch = synthetic_batch(args)
+    batch = synthetic_batch(args.sequences, args.seq_len, SHAPES[args.shape]["vocab_size"], args.lengths)
     timings = []
     for _ in range(args.repeats + 1):  # the first is warm-up
         if on_gpu:

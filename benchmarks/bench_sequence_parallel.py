@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import synthetic_batch  # benchmarks/ is the script's directory
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, head_dim=64, vocab_size=8192, tie_word_embeddings=True)
@@ -30,7 +31,6 @@ def worker(args: argparse.Namespace) -> None:
     """One torchrun rank: build the learner, run one update inside a saved-tensor counter."""
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
-    from megatron_s2l.train.batch import TrainBatch
     from megatron_s2l.train.learner import build_learner
 
     platform.init_distributed(args.tp, 1)
@@ -40,14 +40,7 @@ def worker(args: argparse.Namespace) -> None:
                  "parallel.micro_batch_size": args.sequences, "rollout.prompts_per_step": args.sequences,
                  "rollout.group_size": 1, "rollout.max_response_length": args.seq_len}
     learner = build_learner(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), args.model_dir)
-    gen = torch.Generator().manual_seed(0)
-    mask = torch.zeros(args.sequences, args.seq_len, dtype=torch.bool)
-    mask[:, args.seq_len // 4:] = True
-    batch = TrainBatch(tokens=torch.randint(0, SHAPE["vocab_size"], mask.shape, generator=gen),
-                       response_mask=mask, advantages=torch.randn(args.sequences, generator=gen),
-                       source=torch.ones(args.sequences, dtype=torch.long),
-                       behaviour_logprobs=torch.zeros(mask.shape))
-    plan = learner.plan(batch)
+    plan = learner.plan(synthetic_batch(args.sequences, args.seq_len, SHAPE["vocab_size"]))
     learner.compute_logprobs(plan)
     learner.compute_logprobs(plan, reference=True)
 

@@ -7,6 +7,8 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+import torch
+
 
 def shared_data_dir() -> Path:
     """The real datasets: $S2L_SHARED_DIR/data, the clone's ../shared/data, or /work/shared/data."""
@@ -29,3 +31,24 @@ def in_fresh_process(fn, *args, timeout_s: float = 3600):
     result = queue.get(timeout=timeout_s)
     proc.join()
     return result
+
+
+def synthetic_batch(sequences: int, seq_len: int, vocab: int, lengths: str = "full"):
+    """Prompts of a quarter of seq_len; responses fill the rest (`full`) or follow a long tail
+    (`longtail`: u^3 of the response budget, median ~1/8, one sequence at the limit as in every real step)."""
+    from megatron_s2l.train.batch import TrainBatch
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = seq_len // 4
+    if lengths == "full":
+        response = torch.full((sequences,), seq_len - prompt)
+    else:
+        response = (torch.rand(sequences, generator=gen) ** 3 * (seq_len - prompt)).long().clamp(min=1)
+        response[0] = seq_len - prompt
+    mask = torch.zeros(sequences, seq_len, dtype=torch.bool)
+    for row, length in enumerate(response.tolist()):
+        mask[row, prompt:prompt + length] = True
+    return TrainBatch(tokens=torch.randint(0, vocab, (sequences, seq_len), generator=gen),
+                      response_mask=mask, advantages=torch.randn(sequences, generator=gen),
+                      source=torch.ones(sequences, dtype=torch.long),
+                      behaviour_logprobs=torch.zeros(sequences, seq_len))

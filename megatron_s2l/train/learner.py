@@ -103,7 +103,7 @@ class Learner:
             raise ValueError(f"batch of {batch.num_sequences} sequences cannot be split into {parts}; "
                              "make prompts_per_step * group_size divisible by their product")
         # sequence parallelism splits every micro-batch's width over the TP ranks
-        multiple = math.lcm(8, parallel.tp) if self._sequence_parallel else 8
+        multiple = math.lcm(8, parallel.tp) if convert.unwrap(self.model).config.sequence_parallel else 8
         batch = batch.trimmed(multiple)
         plan = []
         for m in range(num_mini):
@@ -147,12 +147,12 @@ class Learner:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy [b, S] of the response tokens from hidden states [S, b, H]."""
         from megatron.core import parallel_state
-
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         gpt = convert.unwrap(model)
         weight = gpt.shared_embedding_or_output_weight() if self.args.tie_embeddings else gpt.output_layer.weight
-        if self._sequence_parallel:  # each TP rank holds S / tp positions [S/tp, b, H]; its backward
+        sequence_parallel = gpt.config.sequence_parallel
+        if sequence_parallel:  # each TP rank holds S / tp positions [S/tp, b, H]; its backward
             # reduce-scatters the TP ranks' partial gradients (each rank scores only its vocab shard)
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         hidden = hidden.transpose(0, 1)  # [b, S, H]
@@ -165,7 +165,7 @@ class Learner:
             vocab_start=tp_rank * weight.shape[0], vocab_size=self.args.vocab_size,
             tp_group=parallel_state.get_tensor_model_parallel_group(),
             chunk_size=self.cfg.algorithm.logprob_chunk_size, impl=self.cfg.algorithm.logprob_impl,
-            reduce_hidden_grad=not self._sequence_parallel)
+            reduce_hidden_grad=not sequence_parallel)
         full = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=hidden.device)
         return full.masked_scatter(batch.response_mask, logprobs), full.masked_scatter(batch.response_mask, entropy)
 
@@ -185,10 +185,6 @@ class Learner:
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
             num_microbatches=len(micro_batches), seq_length=seq_len,
             micro_batch_size=micro_batches[0].batch.num_sequences, forward_only=forward_only)
-
-    @property
-    def _sequence_parallel(self) -> bool:
-        return convert.unwrap(self.model).config.sequence_parallel
 
     @property
     def _device(self) -> torch.device:
