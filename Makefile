@@ -5,6 +5,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
+# test files run side by side (pytest-xdist); one pytest alone leaves the second core mostly idle. 0: serial
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test test-all test-dist test-sglang demo bench clean
 
@@ -23,7 +25,7 @@ $(STAMP): setup.py
 	@touch $@
 
 test: $(STAMP)
-	$(VPY) -m pytest -m "not sglang and not gpu" --timeout 900 $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not sglang and not gpu" --timeout 900 -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-dist: $(STAMP)
 	$(VPY) -m pytest -m dist --timeout 900 $(PYTEST_ARGS)

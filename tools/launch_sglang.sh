@@ -37,7 +37,7 @@ has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2
 case "$what" in
   server)
     model="$1"; port="${2:-30000}"; shift; [[ $# -gt 0 ]] && shift
-    args=(--model-path "$model" --port "$port")
+    args=(--model-path "$model" --port "$port" --sleep-on-idle)  # idle: no core spinning in the scheduler
     [[ -n "${SGLANG_API_KEY:-}" ]] && args+=(--api-key "$SGLANG_API_KEY")
     if has_cuda; then
       args+=(--host "${SGLANG_HOST:-0.0.0.0}")

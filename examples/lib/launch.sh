@@ -14,6 +14,7 @@
 #   3. the learner replica: one SGLang server per SGLANG_TP GPUs, each hot-swapped by the trainer after
 #      every step, behind sglang-router when there is more than one. (One server with --dp-size would not
 #      do: SGLang ranks a weight-update group by TP rank only, so its DP replicas would collide.)
+#   2 and 3 start side by side, and training starts when all of them answer.
 
 if [ "${ROLE:-}" = train ] && [ -z "${ROLLOUT_ADDR:-}" ]; then
   echo "error: ROLE=train needs ROLLOUT_ADDR, the address of the node running ROLE=rollout" >&2; exit 2
@@ -113,6 +114,7 @@ else
   LEARNER_URL=${REPLICA_URLS[0]} LEARNER_READY=/health
 fi
 PIDS=()
+STARTING=()  # "name url pid" of processes spawned but not yet seen ready
 
 run() {  # print, then run unless --dry-run
   echo "+ $*"
@@ -135,21 +137,31 @@ wait_ready() {  # wait_ready NAME URL MINUTES [PID]: until URL answers, the proc
   exit 1
 }
 
-start() {  # start NAME READY_URL COMMAND...: run in the background, log to RUN_DIR/NAME.log, wait until ready
+spawn() {  # spawn NAME READY_URL COMMAND...: run in the background, log to RUN_DIR/NAME.log
   local name=$1 url=$2; shift 2
   echo "+ $* > $RUN_DIR/$name.log 2>&1 &"
   if [ "$DRY_RUN" = 1 ]; then return; fi
   mkdir -p "$RUN_DIR"
   "$@" > "$RUN_DIR/$name.log" 2>&1 &
   PIDS+=($!)
-  wait_ready "$name" "$url" "$STARTUP_MINUTES" "$!"
+  STARTING+=("$name $url $!")
 }
 
-start_server() {  # start_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP
+wait_started() {  # until every spawned process answers: they start side by side, each on its own GPUs
+  local entry name url pid
+  for entry in "${STARTING[@]}"; do
+    read -r name url pid <<< "$entry"
+    wait_ready "$name" "$url" "$STARTUP_MINUTES" "$pid"
+  done
+  STARTING=()
+}
+
+spawn_server() {  # spawn_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP (--sleep-on-idle: an idle scheduler
+                  # would spin a CPU core; the replica idles through every training phase)
   local name=$1 port=$2 model=$3 first=$4 count=$5 tp=$6
-  start "$name" "http://127.0.0.1:$port/health" env CUDA_VISIBLE_DEVICES="$(gpus "$first" "$count")" \
+  spawn "$name" "http://127.0.0.1:$port/health" env CUDA_VISIBLE_DEVICES="$(gpus "$first" "$count")" \
     "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 --port "$port" --tp "$tp" \
-    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" $SGLANG_EXTRA_ARGS
+    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" --sleep-on-idle $SGLANG_EXTRA_ARGS
 }
 
 stop_servers() {
@@ -161,22 +173,25 @@ trap stop_servers EXIT
 start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (for the pool build)
   if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" = 0 ] && [ "$BUILD_POOL" != 0 ] \
      && [ ! -f "$POOL/manifest.json" ]; then
-    start_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
+    spawn_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
+    wait_started
     run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"
     stop_servers
   fi
+  # the explorer, every replica and the router start at once; the router waits for the replicas
   if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "$EXPLORER_GPUS" -gt 0 ]; then
-    start_server explorer "$EXPLORER_PORT" "$EXPLORER" $((FIRST_ROLLOUT_GPU + REPLICA_GPUS)) "$EXPLORER_GPUS" 1
+    spawn_server explorer "$EXPLORER_PORT" "$EXPLORER" $((FIRST_ROLLOUT_GPU + REPLICA_GPUS)) "$EXPLORER_GPUS" 1
   fi
   for i in $(seq 0 $((NUM_REPLICAS - 1))); do
-    start_server "learner_replica_$i" $((REPLICA_PORT + i)) "$LEARNER" $((FIRST_ROLLOUT_GPU + i * SGLANG_TP)) \
+    spawn_server "learner_replica_$i" $((REPLICA_PORT + i)) "$LEARNER" $((FIRST_ROLLOUT_GPU + i * SGLANG_TP)) \
       "$SGLANG_TP" "$SGLANG_TP"
   done
-  if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "${#REPLICA_URLS[@]}" -gt 1 ]; then  # waits for the other nodes' servers
-    start router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
+  if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "${#REPLICA_URLS[@]}" -gt 1 ]; then  # also the other nodes' servers
+    spawn router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
       --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin --worker-urls "${REPLICA_URLS[@]}" \
       --worker-startup-timeout-secs $((STARTUP_MINUTES * 60)) $ROUTER_EXTRA_ARGS
   fi
+  wait_started
 }
 
 launch() {

@@ -9,7 +9,9 @@ SGLang runs from its own virtual environment (tools/sglang_cpu/setup_venv.sh, fo
 $S2L_SGLANG_VENV or ~/.cache/megatron-s2l/sglang-0.5.23). Without CUDA the launcher adds what SGLang
 needs on a CPU: our placeholder ``sgl_kernel`` first on PYTHONPATH, SGLANG_USE_CPU_ENGINE=1, torch_native
 attention, no overlap scheduler, one torch thread, and a small KV pool (SGLang would otherwise size it
-from free RAM: ~15 GB and 40 s of allocation for a tiny model).
+from free RAM: ~15 GB and 40 s of allocation for a tiny model). On every device servers get
+``--sleep-on-idle``: an idle SGLang scheduler otherwise keeps a CPU core busy polling, and the learner
+replica idles through every update. ``wait=False`` plus ``wait_ready`` start several side by side.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class ServerHandle:
     port: int
     process: subprocess.Popen
     log_path: Path
+    ready_path: str = "/health"
+    startup_timeout_s: float = 300.0
+    api_key: str = ""
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -87,6 +92,26 @@ class ServerHandle:
             pass
         self.process.wait()
 
+    def wait_ready(self) -> None:
+        """Poll ``ready_path`` until it answers 200; stop the process and raise with its log on failure."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                self.stop()
+                raise RuntimeError(f"{self.url} exited with code {self.process.returncode} during startup; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=5.0, headers=headers).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"{self.url}{self.ready_path} not ready after {self.startup_timeout_s:.0f}s (a "
+                           f"CPU server needs 20-60 s; raise startup_timeout_s on a busy machine); log "
+                           f"{self.log_path}:\n{self.log_tail()}")
+
     def __enter__(self) -> "ServerHandle":
         return self
 
@@ -106,7 +131,7 @@ def _cpu_env() -> dict[str, str]:
 
 
 def _start(cmd: list[str], port: int, name: str, env: dict[str, str], log_dir: Optional[Path],
-           max_lifetime_s: Optional[float]) -> ServerHandle:
+           max_lifetime_s: Optional[float], **readiness) -> ServerHandle:
     if max_lifetime_s:
         # --foreground: on expiry only the server gets SIGTERM, so it can shut down its own children
         cmd = ["timeout", "--foreground", "--kill-after=10", str(int(max_lifetime_s)), *cmd]
@@ -116,44 +141,38 @@ def _start(cmd: list[str], port: int, name: str, env: dict[str, str], log_dir: O
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**os.environ, **env}, start_new_session=True)
-    handle = ServerHandle(url=f"http://127.0.0.1:{port}", port=port, process=process, log_path=log_path)
+    handle = ServerHandle(url=f"http://127.0.0.1:{port}", port=port, process=process, log_path=log_path,
+                          **readiness)
     _live.add(handle)
     return handle
 
 
-def wait_until_ready(handle: ServerHandle, path: str, timeout_s: float, api_key: str = "") -> None:
-    """Poll ``path`` until it answers 200; stop the process and raise with its log on failure."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not handle.alive():
+def wait_ready(*handles: ServerHandle) -> None:
+    """Wait for processes launched with ``wait=False``. Starting several side by side and then waiting
+    saves time: most of a startup is one core's Python imports. On a failure every one is stopped."""
+    try:
+        for handle in handles:
+            handle.wait_ready()
+    except BaseException:
+        for handle in handles:
             handle.stop()
-            raise RuntimeError(f"{handle.url} exited with code {handle.process.returncode} during startup; "
-                               f"log {handle.log_path}:\n{handle.log_tail()}")
-        try:
-            if httpx.get(handle.url + path, timeout=5.0, headers=headers).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    handle.stop()
-    raise TimeoutError(f"{handle.url}{path} not ready after {timeout_s:.0f}s (a CPU server needs 20-60 s; "
-                       f"raise startup_timeout_s on a busy machine); log {handle.log_path}:\n"
-                       f"{handle.log_tail()}")
+        raise
 
 
 def launch_server(model_path: str | Path, port: Optional[int] = None, *, device: Optional[str] = None,
                   dtype: str = "auto", api_key: str = "", max_total_tokens: Optional[int] = None,
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 300.0,
-                  max_lifetime_s: Optional[float] = None) -> ServerHandle:
-    """Start ``sglang.launch_server`` for an HF checkpoint and wait until it answers /health."""
+                  max_lifetime_s: Optional[float] = None, wait: bool = True) -> ServerHandle:
+    """Start ``sglang.launch_server`` for an HF checkpoint and (unless ``wait=False``; then call
+    ``wait_ready``) wait until it answers /health."""
     from megatron_s2l.platform import free_port
 
     port = port or free_port()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cmd = [_require_python(python), "-m", "sglang.launch_server", "--model-path", str(model_path),
-           "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype]
+           "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
+           "--sleep-on-idle"]
     env: dict[str, str] = {}
     if device == "cpu":
         cmd += ["--attention-backend", "torch_native", "--disable-overlap-schedule"]
@@ -163,22 +182,27 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
         cmd += ["--max-total-tokens", str(max_total_tokens)]
     if api_key:
         cmd += ["--api-key", api_key]
-    handle = _start([*cmd, *extra_args], port, "sglang", env, log_dir, max_lifetime_s)
-    wait_until_ready(handle, "/health", startup_timeout_s, api_key)
+    handle = _start([*cmd, *extra_args], port, "sglang", env, log_dir, max_lifetime_s, ready_path="/health",
+                    startup_timeout_s=startup_timeout_s, api_key=api_key)
+    if wait:
+        wait_ready(handle)
     return handle
 
 
 def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, policy: str = "round_robin",
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 120.0,
-                  max_lifetime_s: Optional[float] = None) -> ServerHandle:
-    """Start sglang-router in front of running workers and wait until it reports them all healthy."""
+                  max_lifetime_s: Optional[float] = None, wait: bool = True) -> ServerHandle:
+    """Start sglang-router in front of its workers and (unless ``wait=False``) wait until it reports them
+    all healthy; the workers may still be starting."""
     from megatron_s2l.platform import free_port
 
     port = port or free_port()
     cmd = [_require_python(python), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
            "--port", str(port), "--policy", policy, "--prometheus-port", str(free_port()),
            "--worker-urls", *worker_urls, *extra_args]
-    handle = _start(cmd, port, "router", {}, log_dir, max_lifetime_s)
-    wait_until_ready(handle, "/readiness", startup_timeout_s)
+    handle = _start(cmd, port, "router", {}, log_dir, max_lifetime_s, ready_path="/readiness",
+                    startup_timeout_s=startup_timeout_s)
+    if wait:
+        wait_ready(handle)
     return handle

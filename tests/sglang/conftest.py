@@ -2,7 +2,7 @@
 
 Servers take 20-60 s to start on 2 cores, so they are started once: the main server for the whole
 session (generate, log-prob, pause and weight-sync tests take turns on it; each test sets up the weights
-it checks), the router's second worker per module. Every launch gets a free port, a startup timeout, a
+it checks), the router's second worker beside it. Every launch gets a free port, a startup timeout, a
 hard lifetime and is stopped at teardown, also when a test fails. Without the SGLang venv (plain
 `make test`) these tests skip; `make test-sglang` builds the venv first and runs them for real.
 """
@@ -42,14 +42,30 @@ def models(tmp_path_factory) -> dict[str, Path]:
             for name, seed in MODEL_SEEDS.items()}
 
 
-def start_server(model_path: Path, log_dir: Path) -> sglang_launch.ServerHandle:
+def start_server(model_path: Path, log_dir: Path, wait: bool = True) -> sglang_launch.ServerHandle:
     # fp32 so that log-probs and greedy tokens can be compared with the trainer's fp32 math
-    return sglang_launch.launch_server(model_path, dtype="float32", log_dir=log_dir,
-                                       startup_timeout_s=300, max_lifetime_s=SERVER_LIFETIME_S)
+    return sglang_launch.launch_server(model_path, dtype="float32", log_dir=log_dir, startup_timeout_s=300,
+                                       max_lifetime_s=SERVER_LIFETIME_S, wait=wait)
 
 
 @pytest.fixture(scope="session")
-def main_server(models, tmp_path_factory):
-    handle = start_server(models["A"], tmp_path_factory.mktemp("sglang_logs"))
-    yield handle
-    handle.stop()
+def server_pair(models, tmp_path_factory):
+    """Servers for models A and B, started side by side (a startup is mostly one core's Python imports)."""
+    log_dir = tmp_path_factory.mktemp("sglang_logs")
+    handles = [start_server(models[name], log_dir, wait=False) for name in ("A", "B")]
+    sglang_launch.wait_ready(*handles)
+    yield handles
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture(scope="session")
+def main_server(server_pair):
+    """The server most tests share."""
+    return server_pair[0]
+
+
+@pytest.fixture(scope="session")
+def second_server(server_pair):
+    """The router's second worker (the router tests' last test stops it)."""
+    return server_pair[1]

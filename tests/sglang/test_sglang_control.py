@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +73,27 @@ def test_flush_cache_when_idle_and_health(main_server):
         return await engine.health()
 
     assert asyncio.run(scenario()) is True
+
+
+def _session_cpu_seconds(leader_pid: int) -> float:
+    """CPU time used so far by every process of a server's session (HTTP server, scheduler, detokenizer)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process just ended
+            continue
+        if int(fields[3]) == leader_pid:  # session id; utime and stime follow at fields[11:13]
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_server_leaves_the_cpu_alone(main_server):
+    """--sleep-on-idle: without it SGLang's scheduler polls in a loop and keeps a whole core busy, which
+    on the trainer's node takes a core from the learner every time the replica waits for an update."""
+    asyncio.run(SGLangEngine(main_server.url).generate([PROMPT], 1, SHORT))
+    time.sleep(2.0)  # the request is done and the scheduler has gone idle
+    before, start = _session_cpu_seconds(main_server.process.pid), time.monotonic()
+    time.sleep(5.0)
+    busy = (_session_cpu_seconds(main_server.process.pid) - before) / (time.monotonic() - start)
+    assert busy < 0.2, f"an idle server used {busy:.0%} of a core"

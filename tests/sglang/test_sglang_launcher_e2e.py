@@ -12,7 +12,7 @@ import pytest
 
 from megatron_s2l.platform import free_port
 from megatron_s2l.rollout import sglang_launch
-from tests.utils import REPO, TINY_CONFIG, read_rows, run_process, toy_overrides
+from tests.utils import REPO, TINY_CONFIG, free_port_pair, read_rows, run_process, toy_overrides
 
 pytestmark = pytest.mark.sglang
 
@@ -27,17 +27,8 @@ def _is_free(port: int) -> bool:
             return False
 
 
-def _free_pair() -> int:
-    """A port p with p + 1 free too (the launcher numbers replica servers consecutively)."""
-    for _ in range(100):
-        port = free_port()
-        if port < 65535 and _is_free(port + 1):
-            return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_launcher_runs_explorer_two_routed_replicas_and_torchrun(toy_world, tmp_path):
-    replica_port = _free_pair()
+    replica_port = free_port_pair()
     ports = {"REPLICA_PORT": replica_port, "ROUTER_PORT": free_port(), "EXPLORER_PORT": free_port(),
              "MASTER_PORT": free_port()}
     run_dir = tmp_path / "run"

@@ -11,20 +11,13 @@ from safetensors.torch import load_file
 from megatron_s2l.rollout import sglang_launch
 from megatron_s2l.rollout.sglang import SGLangEngine, SGLangUnavailableError
 from megatron_s2l.rollout.types import SamplingParams
-from tests.sglang.conftest import SERVER_LIFETIME_S, start_server
+from tests.sglang.conftest import SERVER_LIFETIME_S
 from tests.sglang.helpers import hf_greedy
 
 pytestmark = pytest.mark.sglang
 
 PROMPT = [9707, 11, 1879]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def second_server(models, tmp_path_factory):
-    handle = start_server(models["B"], tmp_path_factory.mktemp("sglang_logs"))
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture(scope="module")

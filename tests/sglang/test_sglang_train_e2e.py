@@ -20,8 +20,10 @@ def _version(server) -> str:
 
 def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_path):
     launch = dict(dtype="float32", log_dir=tmp_path, startup_timeout_s=300, max_lifetime_s=1800)
-    with sglang_launch.launch_server(toy_world["learner"], **launch) as replica, \
-            sglang_launch.launch_server(toy_world["explorer"], **launch) as explorer:
+    replica, explorer = (sglang_launch.launch_server(toy_world[name], **launch, wait=False)
+                         for name in ("learner", "explorer"))
+    with replica, explorer:
+        sglang_launch.wait_ready(replica, explorer)
         explorer_version = _version(explorer)
         overrides = toy_overrides(toy_world, **{
             "rollout.engine": "sglang", "rollout.learner_url": replica.url, "rollout.weight_sync": "distributed",

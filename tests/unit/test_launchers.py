@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from megatron_s2l.config import load_config
-from tests.utils import REPO, free_port
+from tests.utils import REPO, free_port, free_port_pair
 
 
 def dry_run(script: str, **env) -> list[list[str]]:
@@ -67,6 +68,7 @@ def test_dry_run_commands_are_consistent(script, learner):
     replicas = _servers(commands, learner)
     assert [_flag(c, "--port") for c in replicas] == ["31300", "31301"]
     assert all(_flag(c, "--tp") == "2" and _flag(c, "--dp-size") == "1" for c in replicas)
+    assert all("--sleep-on-idle" in c for c in commands if "sglang.launch_server" in c)  # no core spinning
     assert _gpus(replicas[0]) | _gpus(replicas[1]) == {"4", "5", "6", "7"}
     assert not _gpus(replicas[0]) & _gpus(replicas[1])
     assert cfg.rollout.learner_url == "http://127.0.0.1:31234"
@@ -141,6 +143,39 @@ def test_training_nodes_wait_for_the_rollout_side_then_start_torchrun(tmp_path):
         server.wait()
     assert started.returncode == 0, started.stderr
     assert "-m torch.distributed.run --nnodes 1" in started.stdout.splitlines()[-1]
+
+
+FAKE_SGLANG = """#!/usr/bin/env bash
+# stands in for SGLang's python: notes its start, "loads" for a while, then answers every path with 200
+while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done
+echo "$(date +%s.%N) $port" >> "$STARTS"
+sleep "$LOAD_S"
+mkdir -p "$SITE/$port" && touch "$SITE/$port/health" "$SITE/$port/readiness" && cd "$SITE/$port"
+exec python3 -m http.server "$port" --bind 127.0.0.1
+"""
+
+
+def test_explorer_replicas_and_router_start_side_by_side_and_stop_with_the_launcher(tmp_path):
+    fake = tmp_path / "fake_sglang_python"
+    fake.write_text(FAKE_SGLANG)
+    fake.chmod(0o755)
+    replica_port, explorer_port, router_port = free_port_pair(), free_port(), free_port()
+    env = {**os.environ, "SGLANG_PYTHON": str(fake), "PYTHON": "echo", "STARTS": str(tmp_path / "starts"),
+           "SITE": str(tmp_path / "site"), "LOAD_S": "3", "RUN_DIR": str(tmp_path / "run"),
+           "GPUS_PER_NODE": "4", "ROLLOUT_GPUS": "3", "EXPLORER_GPUS": "1", "SGLANG_TP": "1",
+           "REPLICA_PORT": str(replica_port), "EXPLORER_PORT": str(explorer_port),
+           "ROUTER_PORT": str(router_port), "EXPLORER": "/models/explorer", "LEARNER": "/models/learner"}
+    result = subprocess.run(["bash", "examples/run_s2l_8b.sh"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "-m torch.distributed.run" in result.stdout.splitlines()[-1]  # training starts once all answer
+    starts = {int(port): float(t) for t, port in (line.split() for line in (tmp_path / "starts").read_text()
+                                                                          .splitlines())}
+    assert set(starts) == {explorer_port, replica_port, replica_port + 1, router_port}
+    assert max(starts.values()) - min(starts.values()) < 3  # each started before any had loaded (3 s)
+    for port in starts:  # the launcher stopped them on exit
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 @pytest.mark.parametrize("env,message", [
