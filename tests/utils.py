@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,20 +88,33 @@ def free_port() -> int:
     return _free_port()
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAITs are fine
+        try:
+            sock.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port_pair() -> int:
     """A free port p with p + 1 free too (the launchers number replica servers consecutively)."""
     for _ in range(100):
         port = free_port()
-        if port >= 65535:
-            continue
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAITs are fine
-            try:
-                sock.bind(("0.0.0.0", port + 1))
-                return port
-            except OSError:
-                pass
+        if port < 65535 and port_is_free(port + 1):
+            return port
     raise RuntimeError("no two consecutive free ports")
+
+
+def ports_freed(ports, timeout_s: float) -> bool:
+    """Whether every port is free within timeout_s (a stopped server closes its socket soon after)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(port_is_free(port) for port in ports):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def torchrun_prefix(nproc: int) -> list[str]:

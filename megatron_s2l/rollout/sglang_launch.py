@@ -192,9 +192,8 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
 def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, policy: str = "round_robin",
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 120.0,
-                  max_lifetime_s: Optional[float] = None, wait: bool = True) -> ServerHandle:
-    """Start sglang-router in front of its workers and (unless ``wait=False``) wait until it reports them
-    all healthy; the workers may still be starting."""
+                  max_lifetime_s: Optional[float] = None) -> ServerHandle:
+    """Start sglang-router in front of running workers and wait until it reports them all healthy."""
     from megatron_s2l.platform import free_port
 
     port = port or free_port()
@@ -203,6 +202,5 @@ def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, pol
            "--worker-urls", *worker_urls, *extra_args]
     handle = _start(cmd, port, "router", {}, log_dir, max_lifetime_s, ready_path="/readiness",
                     startup_timeout_s=startup_timeout_s)
-    if wait:
-        wait_ready(handle)
+    wait_ready(handle)
     return handle

@@ -4,27 +4,16 @@ distributed (gloo) group; when training ends the launcher stops every server."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import time
 
 import pytest
 
 from megatron_s2l.platform import free_port
 from megatron_s2l.rollout import sglang_launch
-from tests.utils import REPO, TINY_CONFIG, free_port_pair, read_rows, run_process, toy_overrides
+from tests.utils import (REPO, TINY_CONFIG, free_port_pair, ports_freed, read_rows, run_process,
+                         toy_overrides)
 
 pytestmark = pytest.mark.sglang
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAITs are fine
-        try:
-            sock.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_launcher_runs_explorer_two_routed_replicas_and_torchrun(toy_world, tmp_path):
@@ -57,8 +46,5 @@ def test_launcher_runs_explorer_two_routed_replicas_and_torchrun(toy_world, tmp_
     assert all(r["sync/gigabytes"] > 0 for r in rows)  # both replicas updated (the client checks each version)
     for name in ("explorer", "learner_replica_0", "learner_replica_1", "router"):
         assert (run_dir / f"{name}.log").stat().st_size > 0
-    deadline = time.monotonic() + 30  # the launcher stopped every server on exit
-    while not all(_is_free(p) for p in (replica_port, replica_port + 1, ports["ROUTER_PORT"],
-                                         ports["EXPLORER_PORT"])):
-        assert time.monotonic() < deadline, "a server outlived the launcher"
-        time.sleep(1)
+    assert ports_freed([replica_port, replica_port + 1, ports["ROUTER_PORT"], ports["EXPLORER_PORT"]], 30), \
+        "a server outlived the launcher"
