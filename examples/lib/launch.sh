@@ -125,15 +125,27 @@ gpus() {  # gpus FIRST COUNT: a CUDA_VISIBLE_DEVICES list
   seq -s, "$1" $(($1 + $2 - 1))
 }
 
-wait_ready() {  # wait_ready NAME URL MINUTES [PID]: until URL answers, the process exits, or MINUTES pass
-  local name=$1 url=$2 minutes=$3 pid=${4:-}
+wait_ready() {  # wait_ready MINUTES "NAME URL [PID]"...: until every URL answers; fail at once if a PID
+               # exits, or when MINUTES pass
+  local minutes=$1; shift
+  local pending=("$@") left entry name url pid tick
   for tick in $(seq 1 $((minutes * 12))); do
-    if curl -sf "$url" > /dev/null; then return; fi
-    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "$name exited; see $RUN_DIR/$name.log" >&2; exit 1; fi
-    if [ $((tick % 120)) = 0 ]; then echo "still waiting for $name at $url ($((tick / 12)) of $minutes minutes)"; fi
+    left=()
+    for entry in "${pending[@]}"; do
+      read -r name url pid <<< "$entry"
+      if curl -sf "$url" > /dev/null; then continue; fi
+      if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "$name exited; see $RUN_DIR/$name.log" >&2; exit 1; fi
+      left+=("$entry")
+    done
+    pending=("${left[@]}")
+    if [ "${#pending[@]}" = 0 ]; then return; fi
+    if [ $((tick % 120)) = 0 ]; then echo "still waiting for ${pending[*]%% *} ($((tick / 12)) of $minutes minutes)"; fi
     sleep 5
   done
-  echo "$name did not answer at $url in $minutes minutes${pid:+; see $RUN_DIR/$name.log}" >&2
+  for entry in "${pending[@]}"; do
+    read -r name url pid <<< "$entry"
+    echo "$name did not answer at $url in $minutes minutes${pid:+; see $RUN_DIR/$name.log}" >&2
+  done
   exit 1
 }
 
@@ -148,11 +160,7 @@ spawn() {  # spawn NAME READY_URL COMMAND...: run in the background, log to RUN_
 }
 
 wait_started() {  # until every spawned process answers: they start side by side, each on its own GPUs
-  local entry name url pid
-  for entry in "${STARTING[@]}"; do
-    read -r name url pid <<< "$entry"
-    wait_ready "$name" "$url" "$STARTUP_MINUTES" "$pid"
-  done
+  if [ "${#STARTING[@]}" -gt 0 ]; then wait_ready "$STARTUP_MINUTES" "${STARTING[@]}"; fi
   STARTING=()
 }
 
@@ -220,7 +228,7 @@ launch() {
   fi
   if [ "$ROLE" = train ]; then
     echo "+ waiting for the rollout side at $LEARNER_URL$LEARNER_READY"
-    if [ "$DRY_RUN" = 0 ]; then wait_ready rollout_side "$LEARNER_URL$LEARNER_READY" "$ROLLOUT_WAIT_MINUTES"; fi
+    if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
   run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \

@@ -1,5 +1,6 @@
 """`examples/run_*.sh --dry-run`: the printed torchrun and SGLang commands agree with each other and the
-overrides they pass make a valid config."""
+overrides they pass make a valid config. With stand-in servers: how the launcher starts the rollout side,
+waits for it and stops it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import shlex
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -144,35 +147,69 @@ def test_training_nodes_wait_for_the_rollout_side_then_start_torchrun(tmp_path):
     assert "-m torch.distributed.run --nnodes 1" in started.stdout.splitlines()[-1]
 
 
-FAKE_SGLANG = """#!/usr/bin/env bash
-# stands in for SGLang's python: notes its start, "loads" for a while, then answers every path with 200
-while [ $# -gt 0 ]; do [ "$1" = --port ] && port=$2; shift; done
-echo "$(date +%s.%N) $port" >> "$STARTS"
-sleep "$LOAD_S"
-mkdir -p "$SITE/$port" && touch "$SITE/$port/health" "$SITE/$port/readiness" && cd "$SITE/$port"
-exec python3 -m http.server "$port" --bind 127.0.0.1
+FAKE_SGLANG = """
+# stands in for SGLang's python: notes its start, "loads" for LOAD_S seconds (or crashes at once on
+# CRASH_PORT), then answers every GET with 200
+import http.server, os, sys, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+with open(os.environ["STARTS"], "a") as starts:
+    starts.write(f"{time.time()} {port} {os.getpid()}\\n")
+if port == int(os.environ.get("CRASH_PORT", 0)):
+    sys.exit("crashed while loading")
+time.sleep(float(os.environ["LOAD_S"]))
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", port), Ok).serve_forever()
 """
 
 
-def test_explorer_replicas_and_router_start_side_by_side_and_stop_with_the_launcher(tmp_path):
+def _launch_with_fake_servers(tmp_path, load_s: int, crash_replica: int = -1):
+    """run_s2l_8b.sh with an online explorer, two replicas and the router, all stand-ins; torchrun echoed.
+    Returns the launcher's result, {port: (start time, pid)} of the stand-ins, and the first replica port."""
     fake = tmp_path / "fake_sglang_python"
-    fake.write_text(FAKE_SGLANG)
+    fake.write_text(f"#!{sys.executable}" + FAKE_SGLANG)
     fake.chmod(0o755)
-    replica_port, explorer_port, router_port = free_port_pair(), free_port(), free_port()
+    replica_port = free_port_pair()
     env = {**os.environ, "SGLANG_PYTHON": str(fake), "PYTHON": "echo", "STARTS": str(tmp_path / "starts"),
-           "SITE": str(tmp_path / "site"), "LOAD_S": "3", "RUN_DIR": str(tmp_path / "run"),
-           "GPUS_PER_NODE": "4", "ROLLOUT_GPUS": "3", "EXPLORER_GPUS": "1", "SGLANG_TP": "1",
-           "REPLICA_PORT": str(replica_port), "EXPLORER_PORT": str(explorer_port),
-           "ROUTER_PORT": str(router_port), "EXPLORER": "/models/explorer", "LEARNER": "/models/learner"}
+           "LOAD_S": str(load_s), "CRASH_PORT": str(replica_port + crash_replica if crash_replica >= 0 else 0),
+           "RUN_DIR": str(tmp_path / "run"), "GPUS_PER_NODE": "4", "ROLLOUT_GPUS": "3", "EXPLORER_GPUS": "1",
+           "SGLANG_TP": "1", "REPLICA_PORT": str(replica_port), "EXPLORER_PORT": str(free_port()),
+           "ROUTER_PORT": str(free_port()), "STARTUP_MINUTES": "1", "EXPLORER": "/models/explorer",
+           "LEARNER": "/models/learner"}
     result = subprocess.run(["bash", "examples/run_s2l_8b.sh"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=env)
+    lines = (tmp_path / "starts").read_text().splitlines()
+    return result, {int(port): (float(t), int(pid)) for t, port, pid in map(str.split, lines)}, replica_port
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_explorer_replicas_and_router_start_side_by_side_and_stop_with_the_launcher(tmp_path):
+    result, started, replica_port = _launch_with_fake_servers(tmp_path, load_s=3)
     assert result.returncode == 0, result.stderr
     assert "-m torch.distributed.run" in result.stdout.splitlines()[-1]  # training starts once all answer
-    starts = {int(port): float(t) for t, port in (line.split() for line in (tmp_path / "starts").read_text()
-                                                                          .splitlines())}
-    assert set(starts) == {explorer_port, replica_port, replica_port + 1, router_port}
-    assert max(starts.values()) - min(starts.values()) < 3  # each started before any had loaded (3 s)
-    assert ports_freed(starts, 30)  # the launcher stopped them on exit
+    assert len(started) == 4 and {replica_port, replica_port + 1} < set(started)
+    times = [t for t, _ in started.values()]
+    assert max(times) - min(times) < 3  # each started before any had loaded (3 s)
+    assert ports_freed(started, 30)  # the launcher stopped them on exit
+
+
+def test_a_server_that_dies_while_others_load_stops_the_launch_at_once(tmp_path):
+    # the second replica crashes while the others would take 10 minutes to load
+    result, started, _ = _launch_with_fake_servers(tmp_path, load_s=600, crash_replica=1)
+    assert result.returncode == 1 and "learner_replica_1 exited; see" in result.stderr, result.stderr
+    assert "did not answer" not in result.stderr and "torch.distributed.run" not in result.stdout
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for _, pid in started.values()):  # the launcher stopped the ones still loading
+        assert time.monotonic() < deadline, "a stand-in server outlived the launcher"
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("env,message", [
