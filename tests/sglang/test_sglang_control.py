@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_s2l.rollout.sglang import SGLangEngine
@@ -75,17 +74,17 @@ def test_flush_cache_when_idle_and_health(main_server):
     assert asyncio.run(scenario()) is True
 
 
-def _session_cpu_seconds(leader_pid: int) -> float:
-    """CPU time used so far by every process of a server's session (HTTP server, scheduler, detokenizer)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _cpu_seconds(leader_pid: int) -> float:
+    """CPU time used so far by a server and every process it started (scheduler, detokenizer)."""
+    leader = psutil.Process(leader_pid)
+    total = 0.0
+    for proc in (leader, *leader.children(recursive=True)):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process just ended
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:  # the process just ended
             continue
-        if int(fields[3]) == leader_pid:  # session id; utime and stime follow at fields[11:13]
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        total += times.user + times.system
+    return total
 
 
 def test_an_idle_server_leaves_the_cpu_alone(main_server):
@@ -93,7 +92,7 @@ def test_an_idle_server_leaves_the_cpu_alone(main_server):
     on the trainer's node takes a core from the learner every time the replica waits for an update."""
     asyncio.run(SGLangEngine(main_server.url).generate([PROMPT], 1, SHORT))
     time.sleep(2.0)  # the request is done and the scheduler has gone idle
-    before, start = _session_cpu_seconds(main_server.process.pid), time.monotonic()
+    before, start = _cpu_seconds(main_server.process.pid), time.monotonic()
     time.sleep(5.0)
-    busy = (_session_cpu_seconds(main_server.process.pid) - before) / (time.monotonic() - start)
+    busy = (_cpu_seconds(main_server.process.pid) - before) / (time.monotonic() - start)
     assert busy < 0.2, f"an idle server used {busy:.0%} of a core"

@@ -10,8 +10,8 @@ import pytest
 
 from megatron_s2l.platform import free_port
 from megatron_s2l.rollout import sglang_launch
-from tests.utils import (REPO, TINY_CONFIG, free_port_pair, ports_freed, read_rows, run_process,
-                         toy_overrides)
+from tests.utils import (REPO, TINY_CONFIG, free_port_pair, port_is_free, read_rows, run_process,
+                         toy_overrides, wait_for)
 
 pytestmark = pytest.mark.sglang
 
@@ -46,5 +46,5 @@ def test_launcher_runs_explorer_two_routed_replicas_and_torchrun(toy_world, tmp_
     assert all(r["sync/gigabytes"] > 0 for r in rows)  # both replicas updated (the client checks each version)
     for name in ("explorer", "learner_replica_0", "learner_replica_1", "router"):
         assert (run_dir / f"{name}.log").stat().st_size > 0
-    assert ports_freed([replica_port, replica_port + 1, ports["ROUTER_PORT"], ports["EXPLORER_PORT"]], 30), \
-        "a server outlived the launcher"
+    stopped = [replica_port, replica_port + 1, ports["ROUTER_PORT"], ports["EXPLORER_PORT"]]
+    assert wait_for(lambda: all(map(port_is_free, stopped)), 30), "a server outlived the launcher"

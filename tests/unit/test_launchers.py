@@ -8,13 +8,12 @@ import os
 import shlex
 import subprocess
 import sys
-import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_s2l.config import load_config
-from tests.utils import REPO, free_port, free_port_pair, ports_freed
+from tests.utils import REPO, free_port, free_port_pair, port_is_free, wait_for
 
 
 def dry_run(script: str, **env) -> list[list[str]]:
@@ -186,8 +185,8 @@ def _launch_with_fake_servers(tmp_path, load_s: int, crash_replica: int = -1):
 
 def _running(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -198,7 +197,7 @@ def test_explorer_replicas_and_router_start_side_by_side_and_stop_with_the_launc
     assert len(started) == 4 and {replica_port, replica_port + 1} < set(started)
     times = [t for t, _ in started.values()]
     assert max(times) - min(times) < 3  # each started before any had loaded (3 s)
-    assert ports_freed(started, 30)  # the launcher stopped them on exit
+    assert wait_for(lambda: all(map(port_is_free, started)), 30)  # the launcher stopped them on exit
 
 
 def test_a_server_that_dies_while_others_load_stops_the_launch_at_once(tmp_path):
@@ -206,10 +205,9 @@ def test_a_server_that_dies_while_others_load_stops_the_launch_at_once(tmp_path)
     result, started, _ = _launch_with_fake_servers(tmp_path, load_s=600, crash_replica=1)
     assert result.returncode == 1 and "learner_replica_1 exited; see" in result.stderr, result.stderr
     assert "did not answer" not in result.stderr and "torch.distributed.run" not in result.stdout
-    deadline = time.monotonic() + 30
-    while any(_running(pid) for _, pid in started.values()):  # the launcher stopped the ones still loading
-        assert time.monotonic() < deadline, "a stand-in server outlived the launcher"
-        time.sleep(0.5)
+    # the launcher stopped the ones still loading
+    assert wait_for(lambda: not any(_running(pid) for _, pid in started.values()), 30), \
+        "a stand-in server outlived the launcher"
 
 
 @pytest.mark.parametrize("env,message", [
