@@ -1,4 +1,5 @@
-"""Log-prob + entropy + backward: materialised fp32 logits vs the fused chunked path, side by side.
+"""Log-prob + entropy + backward: materialised fp32 logits vs the fused path (on CUDA: the Triton
+kernels, and the chunked torch path too), side by side.
 
 Each variant runs in its own fresh process so peak memory is comparable: on CPU the peak is the
 growth of the process's maximum resident set during the measured step; on CUDA it is
@@ -28,10 +29,11 @@ def materialized(hidden, weight, targets, temperature):
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
 
 
-def fused(hidden, weight, targets, temperature, chunk_size):
+def fused(hidden, weight, targets, temperature, chunk_size, impl):
     from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 
-    return vocab_parallel_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size)
+    return vocab_parallel_logprobs(hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+                                   impl=impl)
 
 
 def _peak_bytes(device: str) -> int:
@@ -54,7 +56,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         if name == "materialized":
             logprobs, entropy = materialized(hidden, weight, targets, args.temperature)
         else:
-            logprobs, entropy = fused(hidden, weight, targets, args.temperature, args.chunk_size)
+            impl = "torch" if name == "fused_torch" else "auto"  # auto: the Triton kernels on CUDA
+            logprobs, entropy = fused(hidden, weight, targets, args.temperature, args.chunk_size, impl)
         (logprobs * g_lp + entropy * g_ent).sum().backward()
         hidden.grad = weight.grad = None
 
@@ -80,12 +83,13 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=8, help="the vocabulary per rank is vocab / tp")
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on CUDA, else float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON line (the default output)")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
     theirs, ours = in_fresh_process(run_variant, "materialized", args), in_fresh_process(run_variant, "fused", args)
     report = {
@@ -99,6 +103,9 @@ def main() -> None:
         "peak_memory_ratio_vs_materialized": round(theirs["peak_bytes"] / ours["peak_bytes"], 2),
         "time_ratio_vs_materialized": round(ours["seconds"] / theirs["seconds"], 3),
     }
+    if args.device == "cuda":  # "fused" ran the Triton kernels; the chunked torch path beside them
+        chunked = report["fused_torch"] = in_fresh_process(run_variant, "fused_torch", args)
+        report["triton_time_ratio_vs_torch_chunked"] = round(ours["seconds"] / chunked["seconds"], 3)
     print(json.dumps(report))
 
 

@@ -8,8 +8,9 @@ log-softmax and the entropy are fused per chunk of tokens: the forward keeps onl
 token (log Z and E_p[logit]); the backward recomputes each chunk's logits and turns them straight into
 gradients for the hidden states and the output weight. Each TP rank reduces its vocab shard to four
 numbers per token (max, sum of exp, sum of exp * logit, target logit); two all-reduces over [T]
-vectors combine them exactly. On CUDA the same statistics and gradients come from Triton kernels that
-never hold even a chunk of logits (logprobs_triton.py).
+vectors combine them exactly. On CUDA, Triton kernels (logprobs_triton.py) compute the forward's
+statistics without holding any logits and each backward chunk's d loss / d logits in one pass; the
+backward's matmuls are the same cuBLAS calls in both paths.
 
 Math, with l = z / temperature the tempered logits of one token and p = softmax(l):
   logprob = l[target] - logZ,   entropy = logZ - sum_j p_j l_j
@@ -98,23 +99,28 @@ class _FusedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, local_targets, in_shard, log_z, mean_logit = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.use_triton:
-            return _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad_logprobs,
-                                    grad_entropy)
-        safe_targets = local_targets.clamp(min=0)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         num_tokens = hidden.shape[0]
         for start in range(0, num_tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
-            grad_logits = _chunk_grad_logits(
-                _chunk_logits(hidden[rows], weight, ctx.temperature), log_z[rows], mean_logit[rows],
-                None if grad_logprobs is None else grad_logprobs[rows].float(),
-                None if grad_entropy is None else grad_entropy[rows].float(),
-                safe_targets[rows], in_shard[rows])  # [c, V]
-            if ctx.temperature != 1.0:
-                grad_logits.div_(ctx.temperature)  # l = z / temperature
-            grad_logits = grad_logits.to(weight.dtype)
+            g_logprob = None if grad_logprobs is None else grad_logprobs[rows].float()
+            g_entropy = None if grad_entropy is None else grad_entropy[rows].float()
+            if ctx.use_triton:  # one kernel; it recomputes the logits tile by tile
+                from megatron_s2l.algo import logprobs_triton
+
+                zeros = torch.zeros_like(log_z[rows])
+                grad_logits = logprobs_triton.grad_logits(
+                    hidden[rows], weight, local_targets[rows].int(), log_z[rows], mean_logit[rows],
+                    zeros if g_logprob is None else g_logprob.contiguous(),
+                    zeros if g_entropy is None else g_entropy.contiguous(), ctx.temperature)  # [c, V]
+            else:
+                grad_logits = _chunk_grad_logits(
+                    _chunk_logits(hidden[rows], weight, ctx.temperature), log_z[rows], mean_logit[rows],
+                    g_logprob, g_entropy, local_targets[rows].clamp(min=0), in_shard[rows])  # [c, V]
+                if ctx.temperature != 1.0:
+                    grad_logits.div_(ctx.temperature)  # l = z / temperature
+                grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
                 grad_hidden[rows] = torch.matmul(grad_logits, weight)
             if need_weight:
@@ -124,18 +130,6 @@ class _FusedLogProbs(torch.autograd.Function):
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return (grad_hidden, grad_weight, *_NO_GRADS)
-
-
-def _backward_triton(ctx, hidden, weight, local_targets, log_z, mean_logit, grad_logprobs, grad_entropy):
-    from megatron_s2l.algo import logprobs_triton
-
-    zeros = torch.zeros_like(log_z)
-    grad_hidden, grad_weight = logprobs_triton.backward_grads(
-        hidden, weight, local_targets.int(), log_z, mean_logit,
-        zeros if grad_logprobs is None else grad_logprobs.float().contiguous(),
-        zeros if grad_entropy is None else grad_entropy.float().contiguous(), ctx.temperature)
-    _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.hidden_grad_group)
-    return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), *_NO_GRADS)
 
 
 def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard):
