@@ -9,6 +9,7 @@ stock spec functions: the Transformer Engine spec on CUDA when TE is installed, 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -130,8 +131,10 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
         if not use_transformer_engine(model_cfg):
             raise ConfigError("model.fp8 needs Transformer Engine layers on CUDA; install the [gpu] extra (or use "
                               "the NGC container) or set model.fp8=null")
+        # delayed scaling takes the max over the amax history (megatron-core's default, most_recent,
+        # would ignore all but the last entry)
         fp8 = dict(fp8="hybrid", fp8_recipe=model_cfg.fp8.recipe, fp8_margin=model_cfg.fp8.margin,
-                   fp8_amax_history_len=model_cfg.fp8.amax_history, fp8_param=False)
+                   fp8_amax_history_len=model_cfg.fp8.amax_history, fp8_amax_compute_algo="max", fp8_param=False)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -159,9 +162,10 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
         attention_softmax_in_fp32=True,
         use_cpu_initialization=not on_cuda,
         perform_initialization=True,
-        # Fused kernels exist only on CUDA; on CPU megatron-core's torch fallbacks run instead.
+        # Fused kernels exist only on CUDA; on CPU megatron-core's torch fallbacks run instead. The masked
+        # softmax kernel comes from apex (megatron-core imports it unguarded once the flag is on).
         bias_activation_fusion=on_cuda,
-        masked_softmax_fusion=on_cuda,
+        masked_softmax_fusion=on_cuda and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         persist_layer_norm=on_cuda,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
@@ -178,22 +182,26 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)  # bf16 like the rest: torch's fused path
         self.weight.sequence_parallel = config.sequence_parallel
 
 
 def layer_spec(args: ModelArgs, use_te: bool, config):
     """megatron-core's stock GPT layer spec with QK-norm when the family has it: TE's (a layer spec), or
-    the local one as a block spec (this stage's layers and the final norm) with our RMSNorm."""
+    the local one as a block spec (this stage's layers and the final norm) with our RMSNorm and fused
+    causal attention (model/attention.py)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
+    from megatron_s2l.model.attention import CausalSDPAttention
+
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm)
     layer = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
     attention = layer.submodules.self_attention.submodules
+    attention.core_attention = CausalSDPAttention
     for owner, name in ((layer.submodules, "input_layernorm"), (layer.submodules, "pre_mlp_layernorm"),
                         (attention, "q_layernorm"), (attention, "k_layernorm")):
         if getattr(owner, name) is not IdentityOp:

@@ -167,3 +167,26 @@ def test_fp8_without_transformer_engine_is_refused_clearly():
         pytest.skip("this machine has Transformer Engine on CUDA (tests/gpu covers FP8 there)")
     with pytest.raises(ConfigError, match="model.fp8 needs Transformer Engine"):
         specs.transformer_config(args, cfg, ParallelConfig())
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_settings_reach_megatron_core_as_it_names_them(recipe, monkeypatch):
+    """What TE would run with, checked by megatron-core's own TransformerConfig validation on CPU."""
+    from megatron_s2l.config import FP8Config
+
+    monkeypatch.setattr(specs, "use_transformer_engine", lambda model_cfg: True)  # as on an H100 with TE
+    args = specs.model_args_from_hf({"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 64,
+                                     "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 100})
+    fp8 = FP8Config(recipe=recipe, margin=1, amax_history=16)
+    config = specs.transformer_config(args, ModelConfig(dtype="bfloat16", fp8=fp8), ParallelConfig())
+    assert (config.fp8, config.fp8_recipe, config.fp8_margin) == ("hybrid", recipe, 1)
+    assert (config.fp8_amax_history_len, config.fp8_amax_compute_algo) == (16, "max")
+    assert config.bf16 and not config.fp8_param  # weights stay BF16; FP8 only inside the GEMMs
+
+
+def test_a_bf16_model_is_bf16_throughout(mcore_world1, tmp_path):
+    """Norm weights too: a float32 norm in a bf16 model sends torch's RMSNorm down its slow unfused path."""
+    model_dir = make_tiny_model(tmp_path / "m", num_hidden_layers=2)
+    args = specs.model_args_from_hf(specs.load_hf_config(model_dir))
+    model = specs.build_gpt_model(args, ModelConfig(dtype="bfloat16"), ParallelConfig())
+    assert {name: p.dtype for name, p in model.named_parameters() if p.dtype != torch.bfloat16} == {}
