@@ -153,7 +153,8 @@ class ParallelDims:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelDims:
-    """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's parallel state.
+    """Start torch.distributed (nccl for CUDA tensors plus gloo for CPU ones on GPU; gloo on CPU) and
+    megatron-core's parallel state.
 
     Works under torchrun (reads RANK/WORLD_SIZE/MASTER_*) and as a plain single process (world 1,
     a free local port). DP is whatever is left: world // (tp * pp).
@@ -170,7 +171,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
         init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            backend = "nccl"
+            backend = "cpu:gloo,cuda:nccl"  # NCCL for tensors on the GPU; gloo for small host-side ones (metrics)
         else:
             torch.set_num_threads(1)  # ranks share the CPU cores
             backend = "gloo"

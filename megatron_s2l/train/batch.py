@@ -43,6 +43,11 @@ class TrainBatch:
         return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                              for f in dataclasses.fields(self)})
 
+    def to(self, device: torch.device) -> "TrainBatch":
+        """The same batch with every tensor on `device` (the model's, before the forward)."""
+        return TrainBatch(**{f.name: None if v is None else v.to(device)
+                             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
     def lengths(self) -> torch.Tensor:
         """Per row, the columns the model must see: up to the last response token (at least 1). [B]"""
         columns = torch.arange(1, self.response_mask.shape[1] + 1, device=self.response_mask.device)

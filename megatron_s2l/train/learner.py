@@ -91,7 +91,8 @@ class Learner:
         return parallel_state.is_pipeline_last_stage()
 
     def plan(self, batch: TrainBatch) -> list[list[MicroBatch]]:
-        """Mini-batches -> this DP rank's rows -> micro-batches, with global reduction weights."""
+        """Mini-batches -> this DP rank's rows -> micro-batches (on the model's device), with global
+        reduction weights."""
         parallel = self.cfg.parallel
         num_mini = self.cfg.optimizer.mini_batches_per_step
         dp_rank, dp_size = self._dp_rank_size()
@@ -115,7 +116,7 @@ class Learner:
             micro = [local.select(rows) for rows in self._micro_batch_rows(local, multiple)]
             if parallel.length_grouping:
                 micro = [b.trimmed(multiple) for b in micro]
-            plan.append([MicroBatch(b) for b in micro])
+            plan.append([MicroBatch(b.to(self.device)) for b in micro])
         return plan
 
     def _micro_batch_rows(self, local: TrainBatch, multiple: int) -> list[slice]:
@@ -174,7 +175,7 @@ class Learner:
 
         def forward_step(data_iterator, chunk):
             micro = next(data_iterator)
-            tokens = micro.batch.tokens.to(self._device)
+            tokens = micro.batch.tokens
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
             with hidden_states_only(chunk):
                 output = chunk(tokens, positions, None)  # causal mask; right padding needs nothing else
@@ -187,7 +188,8 @@ class Learner:
             micro_batch_size=micro_batches[0].batch.num_sequences, forward_only=forward_only)
 
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where the model (and so every micro-batch of a plan) lives."""
         return next(convert.unwrap(self.model).parameters()).device
 
     # ------------------------------------------------------------------ public API
@@ -223,11 +225,9 @@ class Learner:
                 batch = micro.batch
                 logprobs, entropy = self._token_logprobs(chunk, hidden, batch)
                 inputs = LossInputs(
-                    logprobs=logprobs, old_logprobs=batch.old_logprobs.to(logprobs.device),
-                    advantages=batch.advantages.to(logprobs.device), mask=batch.response_mask.to(logprobs.device),
-                    weights=batch.weights.to(logprobs.device), source=batch.source.to(logprobs.device),
-                    ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs.to(logprobs.device),
-                    behaviour_logprobs=batch.behaviour_logprobs.to(logprobs.device), entropy=entropy)
+                    logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
+                    mask=batch.response_mask, weights=batch.weights, source=batch.source,
+                    ref_logprobs=batch.ref_logprobs, behaviour_logprobs=batch.behaviour_logprobs, entropy=entropy)
                 loss, metrics = policy_loss(inputs, self.cfg.algorithm)
                 metrics["loss/total_sum"] = loss.detach().double()
                 return loss * scale, metrics

@@ -60,6 +60,7 @@ class Trainer:
                     batch, metrics = self.rollout_batch(step)
                 with timer("logprob"):
                     plan = self.learner.plan(batch)
+                    num_tokens, batch = batch.num_response_tokens, None  # the plan holds this rank's rows
                     self.learner.compute_logprobs(plan)
                     if self.learner.ref_model is not None:
                         self.learner.compute_logprobs(plan, reference=True)
@@ -70,7 +71,7 @@ class Trainer:
                 self.step = step
                 with timer("eval"):
                     metrics |= self.evaluate(step)
-                metrics |= timer.metrics(batch)
+                metrics |= timer.metrics(num_tokens)
                 self.metrics.log(step, metrics)
                 self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
                 every = self.cfg.checkpoint.every_steps
@@ -88,7 +89,7 @@ class Trainer:
                 groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std, self.cfg.algorithm.adv_eps)
             batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
             metrics |= adv_metrics | self.rollout.ledger.record(groups)
-        return batch.broadcast(src=0), metrics
+        return batch.broadcast(src=0, device=self.learner.device), metrics  # NCCL on GPU: the batch is large
 
     def evaluate(self, step: int) -> dict[str, float]:
         if self.rollout is None or not self.rollout.eval_due(step, self.cfg.steps):
@@ -119,12 +120,12 @@ class _StepTimer:
         yield
         self.seconds[phase] = time.perf_counter() - begin
 
-    def metrics(self, batch: TrainBatch) -> dict[str, float]:
+    def metrics(self, num_response_tokens: int) -> dict[str, float]:
         total = time.perf_counter() - self.start
         out = {f"timing/{phase}_s": s for phase, s in self.seconds.items()}
         out["timing/step_s"] = total
         # response tokens sampled and trained on per second of the whole step
-        out["throughput/tokens_per_s"] = batch.num_response_tokens / total if total > 0 else 0.0
+        out["throughput/tokens_per_s"] = num_response_tokens / total if total > 0 else 0.0
         return out
 
 
