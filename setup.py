@@ -46,7 +46,7 @@ setup(
         ],
         "logging": ["wandb>=0.18", "tensorboard>=2.16"],
         "sglang": [SGLANG, SGLANG_ROUTER],
-        "gpu": ["transformer-engine[pytorch]>=2.4"],
+        "gpu": ["transformer-engine[pytorch]>=2.4,<2.12"],  # <2.12: what megatron-core 0.16 is tested with
     },
     entry_points={"console_scripts": ["s2l = megatron_s2l.cli:main"]},
 )

@@ -19,6 +19,7 @@ with `--micro-batch-tokens` it adds micro-batches filled up to that many tokens 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -40,8 +41,8 @@ def _peak(name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_dir: str,
-                micro_batch_tokens: int = 0) -> dict:
+def run_variant(precision: str, grouping: bool, micro_batch_tokens: int, args: argparse.Namespace,
+                model_dir: str) -> dict:
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
     from megatron_s2l.train.learner import build_learner
@@ -82,13 +83,15 @@ def run_variant(precision: str, grouping: bool, args: argparse.Namespace, model_
     return {"precision": precision, "length_grouping": grouping, "micro_batch_tokens": micro_batch_tokens,
             "micro_batches": sum(len(micro_batches) for micro_batches in plan), "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
-            "tflops": round(flops / seconds / 1e12, 2), "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
+            "tflops": round(flops / seconds / 1e12, 2),
+            "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1.7b" if torch.cuda.is_available() else "tiny")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        default="qwen3-1.7b" if torch.cuda.is_available() else "tiny")
     parser.add_argument("--sequences", type=int, help="default: 32 (tiny: 8)")
     parser.add_argument("--seq-len", type=int, help="default: 2048 (tiny: 64)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -107,20 +110,31 @@ def main() -> None:
 
     model_dir = tempfile.mkdtemp(prefix="bench_update_")
     AutoModelForCausalLM.from_config(Qwen3Config(**SHAPES[args.shape])).to(torch.bfloat16).save_pretrained(model_dir)
-    results = {"bf16": in_fresh_process(run_variant, "bf16", True, args, model_dir)}
+    results = {}
+
+    def variant(name: str, *settings) -> None:
+        """One measurement; a failure (say, out of memory) is recorded and the other variants still run."""
+        try:
+            results[name] = in_fresh_process(run_variant, *settings, args, model_dir)
+        except (RuntimeError, TimeoutError) as error:
+            results[name] = {"error": str(error)}
+
+    def ratio(name: str, slower: str, faster: str) -> None:
+        if "seconds" in results[slower] and "seconds" in results[faster]:
+            results[name] = round(results[slower]["seconds"] / results[faster]["seconds"], 3)
+
+    variant("bf16", "bf16", True, 0)
     if args.lengths == "longtail":
-        results["bf16_batch_order"] = in_fresh_process(run_variant, "bf16", False, args, model_dir)
-        results["length_grouping_speedup"] = round(results["bf16_batch_order"]["seconds"]
-                                                   / results["bf16"]["seconds"], 3)
+        variant("bf16_batch_order", "bf16", False, 0)
+        ratio("length_grouping_speedup", "bf16_batch_order", "bf16")
         if args.micro_batch_tokens:
-            results["bf16_token_budget"] = in_fresh_process(run_variant, "bf16", True, args, model_dir,
-                                                            args.micro_batch_tokens)
-            results["token_budget_speedup"] = round(results["bf16"]["seconds"]
-                                                    / results["bf16_token_budget"]["seconds"], 3)
-    have_te = torch.cuda.is_available() and __import__("importlib").util.find_spec("transformer_engine")
-    if have_te:
-        results["fp8"] = in_fresh_process(run_variant, "fp8", True, args, model_dir)
-        results["fp8_speedup_vs_bf16"] = round(results["bf16"]["seconds"] / results["fp8"]["seconds"], 3)
+            variant("bf16_token_budget", "bf16", True, args.micro_batch_tokens)
+            ratio("token_budget_speedup", "bf16", "bf16_token_budget")
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine"):
+        variant("fp8", "fp8", True, 0)
+        ratio("fp8_speedup_vs_bf16", "bf16", "fp8")
+    else:
+        results["fp8"] = "skipped: needs Transformer Engine on CUDA (the NGC container)"
     print(json.dumps({"benchmark": "grpo_update", "shape": args.shape, "sequences": args.sequences,
                       "seq_len": args.seq_len, "lengths": args.lengths,
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()

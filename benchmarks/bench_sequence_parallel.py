@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -71,7 +70,9 @@ def run_setting(args: argparse.Namespace, model_dir: str, sp: bool, out: Path) -
                "--master-port", str(free_port()), __file__, "--worker", "--model-dir", model_dir,
                "--out", str(out), "--sp", str(int(sp)), "--tp", str(args.tp),
                "--sequences", str(args.sequences), "--seq-len", str(args.seq_len)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    from tests.utils import subprocess_env
+
+    env = subprocess_env()  # one torch thread, the repository importable ahead of PYTHONPATH
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise SystemExit(f"sequence_parallel={sp} run failed (rc={done.returncode}):\n{done.stderr[-4000:]}")

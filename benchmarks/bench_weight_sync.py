@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import REPO  # noqa: F401  benchmarks/ is the script's directory; common puts the repo on sys.path
 
 
 def make_model_dir(out: Path, hidden: int, layers: int, vocab: int) -> Path:
@@ -76,8 +77,13 @@ def main() -> None:
         from megatron_s2l.rollout.sglang import SGLangEngine
         from megatron_s2l.rollout.sglang_launch import launch_server
 
-        with launch_server(model_dir, dtype="float32", log_dir=work) as server:
-            for mode in ("tensor", "distributed"):
+        modes = ["tensor", "distributed"]
+        if torch.cuda.is_available() and torch.cuda.device_count() == 1:
+            modes.remove("distributed")
+            results["sglang_distributed"] = "skipped: NCCL needs the learner and the server on different GPUs"
+        on_gpu = {"mem_fraction_static": 0.3} if torch.cuda.is_available() else {}  # the learner shares it
+        with launch_server(model_dir, dtype="float32", log_dir=work, **on_gpu) as server:
+            for mode in modes:
                 engine = SGLangEngine(server.url, update_mode=mode)
                 results[f"sglang_{mode}"] = measure(WeightSync(engine, mode, loop, torch.float32, work, model_dir),
                                                     learner, f"{mode}-1")

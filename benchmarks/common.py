@@ -4,18 +4,23 @@ one variant never leak into another's numbers."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
+import queue as queue_module
+import sys
+import time
 from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/X.py` from anywhere: reuse the tests' helpers
+    sys.path.insert(0, str(REPO))
+
 
 def shared_data_dir() -> Path:
-    """The real datasets: $S2L_SHARED_DIR/data, the clone's ../shared/data, or /work/shared/data."""
-    for base in (os.environ.get("S2L_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"):
-        if base and (Path(base) / "data" / "gsm8k").is_dir():
-            return Path(base) / "data"
-    raise SystemExit("shared data not found: set S2L_SHARED_DIR to the folder holding data/gsm8k")
+    """The real datasets, found as the tests find them ($S2L_SHARED_DIR, ../shared or /work/shared)."""
+    from tests.utils import shared_dir
+
+    return shared_dir() / "data"
 
 
 def _call(fn, args, queue) -> None:
@@ -23,12 +28,24 @@ def _call(fn, args, queue) -> None:
 
 
 def in_fresh_process(fn, *args, timeout_s: float = 3600):
-    """fn(*args) in a spawned process (fn must be importable by name); returns its result."""
+    """fn(*args) in a spawned process (fn must be importable by name); returns its result, or raises as
+    soon as the process dies without one (out of memory, a crash) instead of waiting out the timeout."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_call, args=(fn, args, queue))
     proc.start()
-    result = queue.get(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = proc.is_alive()  # read first: a result sent before it exited is in the queue by now
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not alive:
+                raise RuntimeError(f"{fn.__name__}{args} died with exit code {proc.exitcode} and no result")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{fn.__name__}{args} gave no result within {timeout_s:.0f} s")
     proc.join()
     return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -18,9 +19,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_shared() -> Path:
+@functools.cache
+def shared_dir() -> Path:
     """The project's shared folder (real datasets, recorded SGLang traffic): $S2L_SHARED_DIR, the clone's
-    sibling `../shared`, or the workplace's /work/shared (a clone made elsewhere, e.g. by CI)."""
+    sibling `../shared`, or the workplace's /work/shared (a clone made elsewhere, e.g. by CI). Looked up
+    on first use, so tests that need no data also run where the folder is absent (a GPU machine)."""
     candidates = [os.environ.get("S2L_SHARED_DIR"), REPO.parent / "shared", "/work/shared"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "data" / "gsm8k").is_dir():
@@ -28,7 +31,6 @@ def _find_shared() -> Path:
     raise RuntimeError(f"the shared data folder is not at any of {candidates[1:]}; set S2L_SHARED_DIR")
 
 
-SHARED = _find_shared()
 TINY_CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 
 
@@ -124,10 +126,11 @@ def torchrun_prefix(nproc: int) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     """This environment minus any process-group settings (a child must never reuse a parent's port),
-    with one torch thread and the repository importable."""
+    with one torch thread and the repository importable (ahead of what PYTHONPATH already held)."""
     inherited = {k: v for k, v in os.environ.items()
                  if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    python_path = os.pathsep.join(p for p in (str(REPO), inherited.get("PYTHONPATH")) if p)
+    return {**inherited, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
 
 
 def run_process(cmd: list[str], what: str, timeout: int, check: bool = True, env: dict | None = None

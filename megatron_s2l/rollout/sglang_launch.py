@@ -163,9 +163,11 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
                   dtype: str = "auto", api_key: str = "", max_total_tokens: Optional[int] = None,
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 300.0,
-                  max_lifetime_s: Optional[float] = None, wait: bool = True) -> ServerHandle:
+                  max_lifetime_s: Optional[float] = None, wait: bool = True,
+                  mem_fraction_static: Optional[float] = None) -> ServerHandle:
     """Start ``sglang.launch_server`` for an HF checkpoint and (unless ``wait=False``; then call
-    ``wait_ready``) wait until it answers /health."""
+    ``wait_ready``) wait until it answers /health. ``mem_fraction_static``: the GPU memory share SGLang
+    takes for weights and KV cache (its default assumes the GPU is its own, not shared with a learner)."""
     from megatron_s2l.platform import free_port
 
     port = port or free_port()
@@ -180,6 +182,8 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
         env = _cpu_env()
     if max_total_tokens:
         cmd += ["--max-total-tokens", str(max_total_tokens)]
+    if mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
     if api_key:
         cmd += ["--api-key", api_key]
     handle = _start([*cmd, *extra_args], port, "sglang", env, log_dir, max_lifetime_s, ready_path="/health",

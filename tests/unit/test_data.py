@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from megatron_s2l.config import DataConfig
 from megatron_s2l.data import BadRowError, PromptDataset, load_prompts, load_prompts_counted, read_rows
-from tests.utils import SHARED, qwen3_tokenizer_dir
+from tests.utils import qwen3_tokenizer_dir, shared_dir
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,11 @@ def _write_jsonl(path, rows):
 
 
 def test_real_datasets_load_with_gold_answers():
-    gsm8k, _ = read_rows(SHARED / "data/gsm8k/test.jsonl")
+    gsm8k, _ = read_rows(shared_dir() / "data/gsm8k/test.jsonl")
     assert len(gsm8k) == 1319 and gsm8k[0].gold.isdigit() and "####" not in gsm8k[0].gold
-    math500, _ = read_rows(SHARED / "data/math500/test.jsonl")
+    math500, _ = read_rows(shared_dir() / "data/math500/test.jsonl")
     assert len(math500) == 500
-    aime, _ = read_rows(SHARED / "data/aime24/test.jsonl")
+    aime, _ = read_rows(shared_dir() / "data/aime24/test.jsonl")
     assert len(aime) == 30 and all(r.gold.strip().isdigit() for r in aime)
 
 

@@ -15,7 +15,7 @@ from megatron_s2l.eval.runner import pass_ks, run_eval
 from megatron_s2l.reward import MathScorer
 from megatron_s2l.rollout.local import build_local_engine
 from megatron_s2l.rollout.types import SamplingParams
-from tests.utils import SHARED, make_tiny_model
+from tests.utils import make_tiny_model, shared_dir
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 def test_run_eval_writes_consistent_results(model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    prompts = load_prompts(DataConfig(path=str(SHARED / "data/aime24/test.jsonl"), template="qwen3_nothink",
+    prompts = load_prompts(DataConfig(path=str(shared_dir() / "data/aime24/test.jsonl"), template="qwen3_nothink",
                                       max_prompt_length=4096), tokenizer)[:3]
     engine = build_local_engine(model_dir, seed=0)
     loop, scorer = asyncio.new_event_loop(), MathScorer(RewardConfig(num_workers=0))

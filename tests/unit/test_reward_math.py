@@ -8,7 +8,7 @@ import random
 import pytest
 
 from megatron_s2l.reward import equivalent, extract_answer, gsm8k_gold, score
-from tests.utils import SHARED
+from tests.utils import shared_dir
 
 # (response, gold, expected reward)
 CASES = [
@@ -126,7 +126,7 @@ def test_gsm8k_gold_takes_the_number_after_hashes():
 
 
 def _rows(name: str) -> list[dict]:
-    path = SHARED / "data" / name / "test.jsonl"
+    path = shared_dir() / "data" / name / "test.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

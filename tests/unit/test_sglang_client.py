@@ -29,9 +29,9 @@ from megatron_s2l.rollout.sglang import (
     sampling_params_body,
 )
 from megatron_s2l.rollout.types import SamplingParams
-from tests.utils import SHARED
+from tests.utils import shared_dir
 
-REF = SHARED / "reference" / "sglang-0.5.23"
+REF = shared_dir() / "reference" / "sglang-0.5.23"
 
 
 def recorded(file: str, key: str) -> dict:
