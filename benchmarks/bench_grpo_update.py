@@ -3,7 +3,8 @@
 A Qwen3-1.7B-shaped learner (random weights) on one GPU runs the real update path (old log-probs,
 reference log-probs, forward/backward with the fused log-prob loss, optimizer step) on a synthetic batch.
 MFU counts 6 x parameters x tokens plus attention (12 x layers x hidden x seq^2 per sequence), over the
-real (unpadded) tokens, against the device's dense peak. Each variant runs in its own process. Prints one
+real (unpadded) tokens, the output layer over response tokens only (the log-probs need no others), against
+the device's dense peak. Each variant runs in its own process. Prints one
 JSON line.
 
     python benchmarks/bench_grpo_update.py --json                 # GPU: BF16 and FP8
@@ -71,13 +72,14 @@ def run_variant(precision: str, grouping: bool, micro_batch_tokens: int, args: a
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     seconds = min(timings[1:])
-    params = learner.args.num_parameters
     shape = SHAPES[args.shape]
+    lm_head = shape["vocab_size"] * shape["hidden_size"]  # its matmul runs on response tokens only
+    body = learner.args.num_parameters - lm_head  # tied: the embedding lookup itself costs no FLOPs
     lengths = batch.lengths().double()  # real tokens; padding is not useful work
     tokens = int(lengths.sum())
-    # forward+backward (6N per token) + two forward-only passes (2N each) + attention
+    # forward+backward (6 per parameter per token) + two forward-only passes (2 each) + attention
     attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * float((lengths ** 2).sum())
-    flops = (6 + 2 + 2) * params * tokens + attention * (10 / 6)
+    flops = (6 + 2 + 2) * (body * tokens + lm_head * batch.num_response_tokens) + attention * (10 / 6)
     peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
     platform.destroy_distributed()
     return {"precision": precision, "length_grouping": grouping, "micro_batch_tokens": micro_batch_tokens,
