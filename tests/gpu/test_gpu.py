@@ -51,6 +51,17 @@ def test_te_spec_logits_match_local_spec(mcore_world1, gpu_model):
     assert (te.argmax(-1) == local.argmax(-1)).float().mean() > 0.95
 
 
+def test_fused_attention_matches_megatron_core_in_bf16(mcore_world1):
+    """The local spec's SDPA attention (flash kernels here) against megatron-core's explicit-scores one."""
+    from tests.unit.test_attention import _inputs, _pair
+
+    reference, fused = _pair(heads=16, groups=8, dtype="bfloat16")
+    query, key, value = (t.detach().to("cuda", torch.bfloat16) for t in _inputs(16, 8, seq=512, batch=2))
+    expected = reference.cuda()(query, key, value, attention_mask=None).float()
+    actual = fused.cuda()(query, key, value, attention_mask=None).float()
+    assert (actual - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
 def _train_and_measure(model_dir, **overrides) -> dict:
     """Log-probs of a fixed batch before and after three updates, and the updates' gradient norms."""
     from megatron_s2l.train.learner import build_learner

@@ -10,7 +10,7 @@ from megatron_s2l.config import ModelConfig, ParallelConfig
 from megatron_s2l.model import specs
 
 
-def _pair(heads: int, groups: int, dropout: float = 0.0):
+def _pair(heads: int, groups: int, dropout: float = 0.0, dtype: str = "float32"):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -19,7 +19,7 @@ def _pair(heads: int, groups: int, dropout: float = 0.0):
     args = specs.model_args_from_hf({"model_type": "qwen3", "num_hidden_layers": 1, "hidden_size": 64,
                                      "intermediate_size": 128, "num_attention_heads": heads,
                                      "num_key_value_heads": groups, "head_dim": 16, "vocab_size": 100})
-    config = specs.transformer_config(args, ModelConfig(dtype="float32"), ParallelConfig())
+    config = specs.transformer_config(args, ModelConfig(dtype=dtype), ParallelConfig())
     config.attention_dropout = dropout
     # a softmax scale other than SDPA's default 1/sqrt(head_dim): it must be passed through
     return [cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", softmax_scale=0.3)
