@@ -1,5 +1,5 @@
 """The Triton log-prob kernels: against fp64 on CPU under TRITON_INTERPRET=1, and compiled ahead of time for
-Hopper and Ampere GPUs (on CUDA: tests/gpu)."""
+Hopper, Ada and Ampere GPUs (on CUDA: tests/gpu)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ def test_triton_kernels_match_fp64_in_interpreter_mode():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_triton_kernels_compile_for_hopper_and_ampere(dtype):
+def test_triton_kernels_compile_for_hopper_ada_and_ampere(dtype):
     """The interpreter accepts code the GPU compiler rejects (and never checks shared memory): compile
-    both kernels for sm_90 (H100/H200) and sm_80 (A100) ahead of time, with the ptxas Triton ships."""
+    both kernels for sm_90, sm_89 and sm_80 ahead of time, with the ptxas Triton ships."""
     import inspect
 
     from triton.backends.compiler import GPUTarget
@@ -59,7 +59,8 @@ def test_triton_kernels_compile_for_hopper_and_ampere(dtype):
                      else pointer_types.get(name, "*fp32") if name.endswith("_ptr")
                      else "fp32" if name == "inv_temp" else "i32" for name in kernel.arg_names}
         constants = dict(logprobs_triton.BLOCKS, PRECISION="ieee" if dtype == "fp32" else "tf32")
-        for capability, shared_memory_limit in ((90, 232448), (80, 166912)):
+        # H100/H200, L20/L40 (the paper's GPUs; the smallest shared memory), A100
+        for capability, shared_memory_limit in ((90, 232448), (89, 101376), (80, 166912)):
             compiled = compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
             assert "ld.global" in compiled.asm["ptx"]
