@@ -19,10 +19,13 @@ Math, with l = z / temperature the tempered logits of one token and p = softmax(
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,26 +74,48 @@ def _combine_ranks(shard_max, sum_exp, sum_exp_l, picked, tp_group):
     return log_z, sums[1] / sums[0], sums[2]
 
 
-_NO_GRADS = (None,) * 7  # for the forward's inputs after hidden and weight (targets, settings)
+_NO_GRADS = (None,) * 8  # for the forward's inputs after hidden and weight (targets, settings)
+_TRITON_UNUSABLE: Optional[str] = None  # why the kernels failed to compile here; `auto` then stays on torch
+
+
+def _run_triton(kernel_call, may_fall_back: bool):
+    """The kernel call's result; None when it cannot compile on this GPU (too little shared memory, an
+    unsupported architecture) and `auto` chose Triton: the caller then takes the torch path, from now on."""
+    from megatron_s2l.algo import logprobs_triton
+
+    global _TRITON_UNUSABLE
+    try:
+        return kernel_call()
+    except logprobs_triton.COMPILE_ERRORS as error:
+        if not may_fall_back:
+            raise
+        _TRITON_UNUSABLE = f"{type(error).__name__}: {error}"
+        logger.warning("the Triton log-prob kernels cannot run on this GPU (%s); using the chunked torch "
+                       "path (set algorithm.logprob_impl=torch to skip the attempt)", _TRITON_UNUSABLE)
+        return None
 
 
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, vocab_start, tp_group, chunk_size, use_triton,
-                reduce_hidden_grad):
+                may_fall_back, reduce_hidden_grad):
         # hidden [T, H], weight [V, H] (valid rows only), targets [T] global ids
         local_targets = targets - vocab_start  # [T]
         in_shard = (local_targets >= 0) & (local_targets < weight.shape[0])  # [T]
         local_targets = torch.where(in_shard, local_targets, -1)
+        stats = None
         if use_triton:
             from megatron_s2l.algo import logprobs_triton
 
-            stats = logprobs_triton.forward_stats(hidden, weight, local_targets.int(), temperature)
-        else:
+            stats = _run_triton(lambda: logprobs_triton.forward_stats(hidden, weight, local_targets.int(),
+                                                                      temperature), may_fall_back)
+        if stats is None:
+            use_triton = False
             stats = _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chunk_size)
         log_z, mean_logit, target_logit = _combine_ranks(*stats, tp_group)
         ctx.save_for_backward(hidden, weight, local_targets, in_shard, log_z, mean_logit)
         ctx.temperature, ctx.chunk_size, ctx.use_triton = temperature, chunk_size, use_triton
+        ctx.may_fall_back = may_fall_back
         ctx.hidden_grad_group = tp_group if reduce_hidden_grad else None
         ctx.set_materialize_grads(False)
         return target_logit - log_z, log_z - mean_logit
@@ -101,20 +126,22 @@ class _FusedLogProbs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        num_tokens = hidden.shape[0]
+        num_tokens, use_triton = hidden.shape[0], ctx.use_triton
         for start in range(0, num_tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
             g_logprob = None if grad_logprobs is None else grad_logprobs[rows].float()
             g_entropy = None if grad_entropy is None else grad_entropy[rows].float()
-            if ctx.use_triton:  # one kernel; it recomputes the logits tile by tile
+            grad_logits = None  # d loss / d (hidden @ weight.T), [c, V] in the weight's dtype
+            if use_triton:  # one kernel; it recomputes the logits tile by tile
                 from megatron_s2l.algo import logprobs_triton
 
                 zeros = torch.zeros_like(log_z[rows])
-                grad_logits = logprobs_triton.grad_logits(
+                grad_logits = _run_triton(lambda: logprobs_triton.grad_logits(
                     hidden[rows], weight, local_targets[rows].int(), log_z[rows], mean_logit[rows],
                     zeros if g_logprob is None else g_logprob.contiguous(),
-                    zeros if g_entropy is None else g_entropy.contiguous(), ctx.temperature)  # [c, V]
-            else:
+                    zeros if g_entropy is None else g_entropy.contiguous(), ctx.temperature), ctx.may_fall_back)
+                use_triton = grad_logits is not None  # after a compile failure: torch for the rest
+            if grad_logits is None:
                 grad_logits = _chunk_grad_logits(
                     _chunk_logits(hidden[rows], weight, ctx.temperature), log_z[rows], mean_logit[rows],
                     g_logprob, g_entropy, local_targets[rows].clamp(min=0), in_shard[rows])  # [c, V]
@@ -169,7 +196,8 @@ def vocab_parallel_logprobs(
     global id `vocab_start`; rows at global ids >= `vocab_size` (vocab padding) are left out of the
     softmax. Returns fp32 (logprobs [T], entropy [T]); both are differentiable with respect to hidden
     and weight (the entropy term costs nothing when its gradient is not needed).
-    `impl`: "torch" (chunked), "triton" (fused kernels, logprobs_triton.py) or "auto" (triton on CUDA).
+    `impl`: "torch" (chunked), "triton" (fused kernels, logprobs_triton.py) or "auto" (triton on CUDA,
+    torch where the kernels do not compile).
     `reduce_hidden_grad`: all-reduce hidden's gradient over `tp_group` (each rank's is partial); False when
     the caller reduces it (sequence parallelism: the gather of hidden reduce-scatters it in backward).
     """
@@ -181,9 +209,14 @@ def vocab_parallel_logprobs(
         weight = weight[:valid_rows]
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"algorithm.logprob_impl={impl!r}: use auto, torch or triton")
-    use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda and _have_triton())
+    use_triton = impl == "triton" or (impl == "auto" and _auto_picks_triton(hidden))
     return _FusedLogProbs.apply(hidden.contiguous(), weight.contiguous(), targets, float(temperature),
-                                int(vocab_start), tp_group, int(chunk_size), use_triton, reduce_hidden_grad)
+                                int(vocab_start), tp_group, int(chunk_size), use_triton, impl == "auto",
+                                reduce_hidden_grad)
+
+
+def _auto_picks_triton(hidden: torch.Tensor) -> bool:
+    return hidden.is_cuda and _TRITON_UNUSABLE is None and _have_triton()
 
 
 def _have_triton() -> bool:

@@ -21,6 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+COMPILE_ERRORS = (CompilationError, OutOfResources)  # the kernels cannot run on this GPU
 
 
 @triton.jit

@@ -80,3 +80,33 @@ def test_bfloat16_inputs_give_fp32_outputs_close_to_reference():
 def test_shape_errors_are_clear():
     with pytest.raises(ValueError, match=r"expected hidden \[T, H\]"):
         vocab_parallel_logprobs(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_auto_falls_back_to_torch_where_the_triton_kernels_do_not_compile(monkeypatch, caplog):
+    """A GPU with too little shared memory (say) must not stop training under `auto`; asking for
+    `triton` explicitly still fails loudly."""
+    from triton.runtime.errors import OutOfResources
+
+    from megatron_s2l.algo import logprobs, logprobs_triton
+
+    attempts = []
+
+    def no_room(*args, **kwargs):
+        attempts.append(1)
+        raise OutOfResources(required=300000, limit=232448, name="shared memory")
+
+    monkeypatch.setattr(logprobs_triton, "forward_stats", no_room)
+    monkeypatch.setattr(logprobs, "_TRITON_UNUSABLE", None)
+    monkeypatch.setattr(logprobs, "_auto_picks_triton", lambda hidden: logprobs._TRITON_UNUSABLE is None)
+    case = make_case()
+    expected = reference(case)
+    for _ in range(2):
+        hidden = case["hidden"].float().requires_grad_()
+        logprobs_out, _ = vocab_parallel_logprobs(hidden, case["weight"].float(), case["targets"], temperature=0.7,
+                                                  vocab_size=case["vocab_size"], impl="auto")
+        assert_close_relative(logprobs_out, expected["logprobs"])
+    assert attempts == [1]  # tried once, then remembered
+    assert "cannot run on this GPU" in caplog.text and "shared memory" in caplog.text
+    with pytest.raises(OutOfResources):
+        vocab_parallel_logprobs(case["hidden"].float(), case["weight"].float(), case["targets"], temperature=0.7,
+                                vocab_size=case["vocab_size"], impl="triton")
