@@ -64,11 +64,24 @@ def _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chu
     return stats.unbind(0)
 
 
+def _rescaled(part_max, sum_exp, sum_exp_l, overall_max):
+    """One part of the vocabulary's sums of exp(l - part_max), re-expressed against the overall max
+    (0 for a part with no vocabulary, whose max is -inf)."""
+    rescale = torch.where(sum_exp > 0, (part_max - overall_max).exp(), 0.0)
+    return sum_exp * rescale, sum_exp_l * rescale
+
+
+def _merge_segments(part_max, sum_exp, sum_exp_l, picked):
+    """The Triton forward's statistics per vocabulary segment, [segments, T] each -> this rank's, [T] each."""
+    overall_max = part_max.max(dim=0).values
+    sum_exp, sum_exp_l = _rescaled(part_max, sum_exp, sum_exp_l, overall_max)
+    return overall_max, sum_exp.sum(0), sum_exp_l.sum(0), picked.sum(0)
+
+
 def _combine_ranks(shard_max, sum_exp, sum_exp_l, picked, tp_group):
     """Exact log Z, E_p[l] and the target logit over the whole vocabulary: two all-reduces."""
     global_max = _all_reduce(shard_max.clone(), dist.ReduceOp.MAX, tp_group)  # [T]
-    rescale = (shard_max - global_max).exp()  # 0 for a rank with no vocab (max = -inf)
-    sums = torch.stack([sum_exp * rescale, sum_exp_l * rescale, picked])  # [3, T]
+    sums = torch.stack([*_rescaled(shard_max, sum_exp, sum_exp_l, global_max), picked])  # [3, T]
     _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
     log_z = global_max + sums[0].log()
     return log_z, sums[1] / sums[0], sums[2]
@@ -107,8 +120,9 @@ class _FusedLogProbs(torch.autograd.Function):
         if use_triton:
             from megatron_s2l.algo import logprobs_triton
 
-            stats = _run_triton(lambda: logprobs_triton.forward_stats(hidden, weight, local_targets.int(),
-                                                                      temperature), may_fall_back)
+            segments = _run_triton(lambda: logprobs_triton.forward_segments(hidden, weight, local_targets.int(),
+                                                                            temperature), may_fall_back)
+            stats = None if segments is None else _merge_segments(*segments)
         if stats is None:
             use_triton = False
             stats = _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chunk_size)

@@ -4,8 +4,8 @@ Legend: T tokens, D hidden size, V vocab rows on this TP rank; BT/BV/BD tile siz
 
 Forward: logits never leave registers. Each program takes BT tokens and one segment of the vocabulary,
 walks it in BV-wide tiles with an online log-sum-exp (running max m, sum of exp(l - m), sum of
-exp(l - m) * l, the target's logit) and writes these four numbers; the segments are combined exactly in
-torch, as the TP ranks are. Splitting the vocabulary keeps every SM busy for short batches too.
+exp(l - m) * l, the target's logit) and writes these four numbers; logprobs.py combines the segments
+exactly, as it combines the TP ranks. Splitting the vocabulary keeps every SM busy for short batches too.
 
 Backward, per chunk of c tokens: one kernel recomputes each [BT, BV] logits tile and writes
 d loss / d logits in the model dtype ([c, V], the only buffer of that size, as in the torch path); the
@@ -110,23 +110,20 @@ def _vocab_segments(num_tokens: int, vocab: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(vocab, BLOCKS["BV"]), triton.cdiv(4 * sms, token_blocks)))
 
 
-def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor, temperature: float,
-                  segments: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Per-token (max, sum exp, sum exp * logit, target logit) over this rank's vocab, fp32 [T] each.
-    `segments` overrides how many parts the vocabulary is split into (tests)."""
+def forward_segments(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor, temperature: float
+                     ) -> torch.Tensor:
+    """Per vocabulary segment and token: (max, sum exp, sum exp * logit, target logit), fp32 [4, segments, T]
+    (logprobs.py merges the segments as it merges TP ranks)."""
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
-    segments = segments or _vocab_segments(num_tokens, vocab, hidden.device)
+    segments = _vocab_segments(num_tokens, vocab, hidden.device)
     segment = triton.cdiv(triton.cdiv(max(vocab, 1), segments), BLOCKS["BV"]) * BLOCKS["BV"]
     parts = torch.empty(4, segments, num_tokens, dtype=torch.float32, device=hidden.device)
     grid = (triton.cdiv(num_tokens, BLOCKS["BT"]), segments)
     _forward_kernel[grid](hidden, weight, local_targets, *parts, num_tokens, vocab, dim, hidden.stride(0),
                           weight.stride(0), 1.0 / temperature, segment, **BLOCKS,
                           PRECISION=_precision(hidden.dtype))
-    shard_max, sum_exp, sum_exp_l, picked = parts  # [segments, T] each
-    overall_max = shard_max.max(dim=0).values  # [T]
-    rescale = torch.where(sum_exp > 0, (shard_max - overall_max).exp(), 0.0)  # empty segments: max -inf
-    return overall_max, (sum_exp * rescale).sum(0), (sum_exp_l * rescale).sum(0), picked.sum(0)
+    return parts
 
 
 def grad_logits(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor, log_z: torch.Tensor,

@@ -95,7 +95,7 @@ def test_auto_falls_back_to_torch_where_the_triton_kernels_do_not_compile(monkey
         attempts.append(1)
         raise OutOfResources(required=300000, limit=232448, name="shared memory")
 
-    monkeypatch.setattr(logprobs_triton, "forward_stats", no_room)
+    monkeypatch.setattr(logprobs_triton, "forward_segments", no_room)
     monkeypatch.setattr(logprobs, "_TRITON_UNUSABLE", None)
     monkeypatch.setattr(logprobs, "_auto_picks_triton", lambda hidden: logprobs._TRITON_UNUSABLE is None)
     case = make_case()
