@@ -4,8 +4,7 @@ A Qwen3-1.7B-shaped learner (random weights) on one GPU runs the real update pat
 reference log-probs, forward/backward with the fused log-prob loss, optimizer step) on a synthetic batch.
 MFU counts 6 x parameters x tokens plus attention (12 x layers x hidden x seq^2 per sequence), over the
 real (unpadded) tokens, the output layer over response tokens only (the log-probs need no others), against
-the device's dense peak. Each variant runs in its own process. Prints one
-JSON line.
+the device's dense peak. Each variant runs in its own process. Prints one JSON line.
 
     python benchmarks/bench_grpo_update.py --json                 # GPU: BF16 and FP8
     python benchmarks/bench_grpo_update.py --json --shape tiny    # a CPU smoke run of the same path

@@ -113,10 +113,11 @@ def test_triton_logprobs_match_fp64(dtype):
     case = make_case(tokens=1000, hidden=256, vocab=4999, padded=5120, temperature=0.8)
     case = dict(case, hidden=case["hidden"].to(dtype).double(), weight=case["weight"].to(dtype).double())
     expected = reference(case)  # fp64 from the same (rounded) inputs: what is left is the kernels' own error
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # e.g. NGC's TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
-    # fp32: IEEE everywhere. bf16: the triton kernels keep fp32 logits and round d loss / d logits to bf16;
-    # the torch path also rounds the logits themselves to bf16.
-    tolerance = {"triton": 5e-3 if tf32 else 1e-4, "torch": 5e-3 if tf32 else 1e-4} if dtype == torch.float32 \
+    # fp32: IEEE everywhere, unless cuBLAS is allowed TF32 (e.g. NGC's TORCH_ALLOW_TF32_CUBLAS_OVERRIDE).
+    # bf16: the triton kernels keep fp32 logits and round d loss / d logits to bf16; the torch path also
+    # rounds the logits themselves to bf16.
+    fp32_tolerance = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+    tolerance = {"triton": fp32_tolerance, "torch": fp32_tolerance} if dtype == torch.float32 \
         else {"triton": 3e-2, "torch": 8e-2}
     for impl in ("triton", "torch"):
         hidden = case["hidden"].to("cuda", dtype).requires_grad_()
