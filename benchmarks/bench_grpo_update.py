@@ -2,9 +2,10 @@
 
 A Qwen3-1.7B-shaped learner (random weights) on one GPU runs the real update path (old log-probs,
 reference log-probs, forward/backward with the fused log-prob loss, optimizer step) on a synthetic batch.
-MFU counts 6 x parameters x tokens plus attention (12 x layers x hidden x seq^2 per sequence), over the
-real (unpadded) tokens, the output layer over response tokens only (the log-probs need no others), against
-the device's dense peak. Each variant runs in its own process. Prints one JSON line.
+MFU counts the model FLOPs the trainer logs as perf/mfu (megatron_s2l/metrics/perf.py: 6 x parameters x
+real tokens for forward + backward, 2 more per forward-only pass, attention, the output layer over response
+tokens only) against the device's dense BF16 peak. Each variant runs in its own process. Prints one JSON
+line.
 
     python benchmarks/bench_grpo_update.py --json                 # GPU: BF16 and FP8
     python benchmarks/bench_grpo_update.py --json --shape tiny    # a CPU smoke run of the same path
@@ -34,17 +35,11 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=1024, tie_word_embeddings=True),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense BF16
-
-
-def _peak(name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def run_variant(precision: str, grouping: bool, micro_batch_tokens: int, args: argparse.Namespace,
                 model_dir: str) -> dict:
     from megatron_s2l import platform
     from megatron_s2l.config import load_config
+    from megatron_s2l.metrics import perf
     from megatron_s2l.train.learner import build_learner
 
     platform.init_distributed(1, 1)
@@ -71,21 +66,14 @@ def run_variant(precision: str, grouping: bool, micro_batch_tokens: int, args: a
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     seconds = min(timings[1:])
-    shape = SHAPES[args.shape]
-    lm_head = shape["vocab_size"] * shape["hidden_size"]  # its matmul runs on response tokens only
-    body = learner.args.num_parameters - lm_head  # tied: the embedding lookup itself costs no FLOPs
-    lengths = batch.lengths().double()  # real tokens; padding is not useful work
-    tokens = int(lengths.sum())
-    # forward+backward (6 per parameter per token) + two forward-only passes (2 each) + attention
-    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * float((lengths ** 2).sum())
-    flops = (6 + 2 + 2) * (body * tokens + lm_head * batch.num_response_tokens) + attention * (10 / 6)
-    peak = _peak(torch.cuda.get_device_name()) if on_gpu else None
+    tokens = int(batch.lengths().sum())  # real tokens; padding is not useful work
+    throughput = perf.throughput_metrics(learner.update_flops(batch), seconds, learner.device)
     platform.destroy_distributed()
     return {"precision": precision, "length_grouping": grouping, "micro_batch_tokens": micro_batch_tokens,
             "micro_batches": sum(len(micro_batches) for micro_batches in plan), "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
-            "tflops": round(flops / seconds / 1e12, 2),
-            "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
+            "tflops": round(throughput["perf/tflops_per_gpu"], 2),
+            "mfu": round(throughput["perf/mfu"], 4) if "perf/mfu" in throughput else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None}
 
 

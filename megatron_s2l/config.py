@@ -347,6 +347,15 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
     tensorboard: bool = False
     """Write TensorBoard event files under <run_dir>/tensorboard."""
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
+    """[first, last]: record these steps with torch.profiler; traces go to <run_dir>/profile ([] = off)."""
+    profile_ranks: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Global ranks that record the profile (each writes its own trace)."""
+
+    def validate(self) -> None:
+        steps = self.profile_steps
+        _check(steps == [] or (len(steps) == 2 and 1 <= steps[0] <= steps[1]), "logging.profile_steps", steps,
+               "give [first, last] with 1 <= first <= last (e.g. [3, 4]: skip warm-up steps), or [] for none")
 
 
 @dataclasses.dataclass
@@ -382,6 +391,9 @@ class RunConfig:
         if self.explorer.mode != "off":
             _check(self.t_mix <= self.steps, "schedule.t_mix", self.t_mix,
                    f"T_mix must be <= steps ({self.steps}); lower schedule.t_mix or raise steps")
+        if self.logging.profile_steps:
+            _check(self.logging.profile_steps[1] <= self.steps, "logging.profile_steps", self.logging.profile_steps,
+                   f"the window must end by the last step ({self.steps})")
         mini = self.optimizer.mini_batches_per_step
         _check(self.rollout.prompts_per_step % mini == 0, "optimizer.mini_batches_per_step", mini,
                f"it must divide rollout.prompts_per_step ({self.rollout.prompts_per_step})")

@@ -3,8 +3,9 @@ tokenizer, and a small explorer and a larger learner of the same family (Qwen3 a
 from scratch for a minute or two each, saved as ordinary HF checkpoints.
 
 The explorer is trained longer than the learner (about 65% vs 20% of problems solved when sampling at
-T=1), so early in RL the explorer's samples contain correct answers the learner rarely finds on its own: the situation S2L-PO is designed for, at a size where the
-whole pipeline (pool, Megatron learner, weight sync, checkpoints) runs on a laptop.
+T=1), so early in RL the explorer's samples contain correct answers the learner rarely finds on its own:
+the situation S2L-PO is designed for, at a size where the whole pipeline (pool, Megatron learner, weight
+sync, checkpoints) runs on a laptop.
 """
 
 from __future__ import annotations

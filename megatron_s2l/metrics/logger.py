@@ -120,9 +120,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _mfu(m: dict[str, float]) -> str:
+    return f" (MFU {m['perf/mfu']:.0%})" if "perf/mfu" in m else ""
+
+
+def _peak_memory_gib(m: dict[str, float]) -> float | None:
+    return m.get("memory/device_peak_gib", m.get("memory/host_peak_gib"))
+
+
 def format_progress(step: int, total: int, m: dict[str, float]) -> str:
     """`step 3/16 | alpha 0.71 G_w/G_s 12/4 | reward ... | solved exp 0.42 lrn 0.25 | eval 0.31 | kl ... |
-    12.1s (rollout 8.0 ...)`."""
+    2210 tok/s 352 TFLOP/s/GPU (MFU 36%) | mem 61.2G | 12.1s (rollout 8.0 ...)`; memory is the device's peak
+    on GPU, the host's otherwise."""
     timing = " ".join(f"{k.split('/')[1].removesuffix('_s')} {v:.1f}" for k, v in m.items()
                       if k.startswith("timing/") and k != "timing/step_s")
     return (f"step {step}/{total} | alpha {_fmt(m.get('schedule/alpha'), '.2f')} "
@@ -132,5 +141,6 @@ def format_progress(step: int, total: int, m: dict[str, float]) -> str:
             f"eval {_fmt(m.get('eval/accuracy'))} | "
             f"kl {_fmt(m.get('loss/kl'), '.2e')} clip {_fmt(m.get('loss/clip_frac'))} "
             f"ent {_fmt(m.get('loss/entropy'), '.2f')} | len {_fmt(m.get('response/mean_length'), '.0f')} | "
-            f"{_fmt(m.get('throughput/tokens_per_s'), '.0f')} tok/s | "
+            f"{_fmt(m.get('throughput/tokens_per_s'), '.0f')} tok/s {_fmt(m.get('perf/tflops_per_gpu'), '.3g')} "
+            f"TFLOP/s/GPU{_mfu(m)} | mem {_fmt(_peak_memory_gib(m), '.1f')}G | "
             f"{_fmt(m.get('timing/step_s'), '.1f')}s ({timing})")

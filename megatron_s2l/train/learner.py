@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from megatron_s2l.algo.loss import LossInputs, finalize_metrics, policy_loss, reduction_weights
 from megatron_s2l.config import RunConfig
+from megatron_s2l.metrics import perf
 from megatron_s2l.model import convert, specs
 from megatron_s2l.train.batch import TrainBatch, round_up
 
@@ -193,6 +194,10 @@ class Learner:
         return next(convert.unwrap(self.model).parameters()).device
 
     # ------------------------------------------------------------------ public API
+
+    def update_flops(self, batch: TrainBatch) -> float:
+        """Model FLOPs of this step's log-prob passes and update on `batch`, over all ranks."""
+        return perf.update_flops(self.args, batch, reference=self.ref_model is not None)
 
     @torch.no_grad()
     def compute_logprobs(self, plan: list[list[MicroBatch]], reference: bool = False) -> None:

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from megatron_s2l.algo.advantages import advantages_for_groups
 from megatron_s2l.config import RunConfig
+from megatron_s2l.metrics import perf
 from megatron_s2l.metrics.logger import MetricsLogger
+from megatron_s2l.metrics.profiler import StepProfiler, phase_range
 from megatron_s2l.train.batch import TrainBatch
 from megatron_s2l.train.checkpoint import Checkpointer
 from megatron_s2l.train.learner import Learner
@@ -39,6 +41,7 @@ class Trainer:
     weight_sync: WeightSync
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    profiler: StepProfiler
     # state
     step: int
     stop_requested: bool
@@ -46,6 +49,7 @@ class Trainer:
     def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
         self.weight_sync, self.checkpointer, self.metrics = weight_sync, checkpointer, metrics
+        self.profiler = StepProfiler(cfg.logging, dist.get_rank() if dist.is_initialized() else 0)
         self.step = step
         self.stop_requested = False
 
@@ -55,12 +59,14 @@ class Trainer:
         with _stop_on_sigterm(self):
             while self.step < self.cfg.steps and not self.stop_requested:
                 step = self.step + 1
+                self.profiler.step_begins(step)
                 timer = _StepTimer()
                 with timer("rollout"):
                     batch, metrics = self.rollout_batch(step)
                 with timer("logprob"):
                     plan = self.learner.plan(batch)
-                    num_tokens, batch = batch.num_response_tokens, None  # the plan holds this rank's rows
+                    num_tokens, flops = batch.num_response_tokens, self.learner.update_flops(batch)
+                    batch = None  # the plan holds this rank's rows
                     self.learner.compute_logprobs(plan)
                     if self.learner.ref_model is not None:
                         self.learner.compute_logprobs(plan, reference=True)
@@ -71,8 +77,9 @@ class Trainer:
                 self.step = step
                 with timer("eval"):
                     metrics |= self.evaluate(step)
-                metrics |= timer.metrics(num_tokens)
+                metrics |= timer.metrics(num_tokens, flops, self.learner.device)
                 self.metrics.log(step, metrics)
+                self.profiler.step_ends(step)
                 self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
                 every = self.cfg.checkpoint.every_steps
                 if self.stop_requested or step == self.cfg.steps or (every and step % every == 0):
@@ -102,13 +109,15 @@ class Trainer:
         self.checkpointer.save(self.step, self.learner, state)
 
     def close(self) -> None:
+        self.profiler.close()
         self.metrics.close()
         if self.rollout is not None:
             self.rollout.close()
 
 
 class _StepTimer:
-    """Wall time per phase of one step, as timing/<phase>_s metrics plus tokens/s."""
+    """Wall time per phase of one step (a named range in profiles), as timing/<phase>_s metrics, plus
+    tokens/s, the learner's TFLOP/s and MFU per GPU, and peak memory."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -117,15 +126,19 @@ class _StepTimer:
     @contextlib.contextmanager
     def __call__(self, phase: str):
         begin = time.perf_counter()
-        yield
+        with phase_range(phase):
+            yield
         self.seconds[phase] = time.perf_counter() - begin
 
-    def metrics(self, num_response_tokens: int) -> dict[str, float]:
+    def metrics(self, num_response_tokens: int, learner_flops: float, device: torch.device) -> dict[str, float]:
         total = time.perf_counter() - self.start
         out = {f"timing/{phase}_s": s for phase, s in self.seconds.items()}
         out["timing/step_s"] = total
         # response tokens sampled and trained on per second of the whole step
         out["throughput/tokens_per_s"] = num_response_tokens / total if total > 0 else 0.0
+        learner_seconds = self.seconds.get("logprob", 0.0) + self.seconds.get("train", 0.0)
+        out |= perf.throughput_metrics(learner_flops, learner_seconds, device)
+        out |= perf.memory_metrics(device)
         return out
 
 

@@ -24,7 +24,8 @@ def _comparable(row: dict) -> dict:
 def test_resume_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
     common = ["train", "--config", str(TINY_CONFIG)]
     run_s2l([*common, *toy_overrides(toy_world), f"logging.run_dir={tmp_path / 'straight'}"])
-    run_s2l([*common, *toy_overrides(toy_world), "checkpoint.exit_interval=2", f"logging.run_dir={tmp_path / 'resumed'}"])
+    run_s2l([*common, *toy_overrides(toy_world), "checkpoint.exit_interval=2",
+             f"logging.run_dir={tmp_path / 'resumed'}"])
     assert [r["step"] for r in read_rows(tmp_path / "resumed")] == [1, 2]
     run_s2l([*common, *toy_overrides(toy_world), f"logging.run_dir={tmp_path / 'resumed'}", "--resume", "auto"])
     straight, resumed = read_rows(tmp_path / "straight"), read_rows(tmp_path / "resumed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from megatron_s2l.rollout.schedule import AnnealSchedule
@@ -24,7 +26,8 @@ def _check_schedule_and_sources(rows, group_size=4, t_mix=3, steps=4, kind="line
         assert (row["rollout/explorer_tokens"] > 0) == (g_w > 0)
         assert row["rollout/num_samples"] == 4 * group_size
         for key in ("loss/kl", "loss/clip_frac", "loss/entropy", "train/grad_norm", "timing/train_s",
-                    "timing/sync_s", "sync/gb_per_s", "response/mean_length", "throughput/tokens_per_s"):
+                    "timing/sync_s", "sync/gb_per_s", "response/mean_length", "throughput/tokens_per_s",
+                    "perf/tflops_per_gpu", "memory/host_peak_gib"):
             assert key in row, key
     assert "eval/accuracy" in rows[1] and "eval/accuracy" in rows[3]
 
@@ -42,8 +45,13 @@ def test_s2l_po_tp1(toy_world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_s2l_po_tp2_under_torchrun(toy_world, tmp_path):
-    _train(toy_world, tmp_path / "run", nproc=2, **{"parallel.tp": 2})
+    _train(toy_world, tmp_path / "run", nproc=2,
+           **{"parallel.tp": 2, "logging.profile_steps": "[2,3]", "logging.profile_ranks": "[0,1]"})
     _check_schedule_and_sources(read_rows(tmp_path / "run"))
+    for rank in (0, 1):  # each profiled rank's trace of steps 2-3 holds both steps' phases
+        trace = json.loads((tmp_path / "run" / "profile" / f"rank{rank}_steps2-3.json").read_text())
+        names = [event.get("name") for event in trace["traceEvents"]]
+        assert names.count("s2l/train") == 2 and names.count("s2l/logprob") == 2
 
 
 @pytest.mark.slow

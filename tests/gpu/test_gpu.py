@@ -169,3 +169,4 @@ def test_tiny_1gpu_config_end_to_end(tmp_path):
     run_s2l(["train", "--config", "examples/configs/tiny_1gpu.yaml", *overrides])
     rows = read_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["train/skipped_updates"] == 0 for r in rows)
+    assert all(0 < r["memory/device_peak_gib"] < 80 and r["perf/tflops_per_gpu"] > 0 for r in rows)

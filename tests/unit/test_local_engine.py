@@ -51,7 +51,7 @@ def test_greedy_batch_equals_alone_and_no_cache_reference(engine):
         for gen in group:
             assert gen.response_ids == alone.response_ids == ref_tokens
             assert gen.finish_reason == "length" and len(gen.response_ids) == 10
-            expected = [float(l.log_softmax(-1)[t]) for l, t in zip(ref_logits, ref_tokens)]
+            expected = [float(row.log_softmax(-1)[t]) for row, t in zip(ref_logits, ref_tokens)]
             assert gen.logprobs == pytest.approx(expected, abs=1e-4)
 
 
