@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -196,6 +198,29 @@ def run_s2l(args: list[str], timeout: int = 600, nproc: int = 1, check: bool = T
     """`s2l ...` in a fresh process (under torchrun when nproc > 1), killed on timeout."""
     prefix = [*torchrun_prefix(nproc), "-m"] if nproc > 1 else [sys.executable, "-m"]
     return run_process([*prefix, "megatron_s2l.cli", *args], f"s2l {' '.join(args[:2])}", timeout, check)
+
+
+@contextlib.contextmanager
+def forward_saved_bytes(model: torch.nn.Module, parameters: set[int]) -> Iterator[dict[int, int]]:
+    """Count the bytes `model`'s forward passes save for backward (storage -> bytes, parameters' storages
+    excluded): the activations that stay alive until the backward. Layers that a recomputing backward
+    reruns are not counted again."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    handles = [model.register_forward_pre_hook(lambda *_: hooks.__enter__()),
+               model.register_forward_hook(lambda *_: hooks.__exit__(None, None, None))]
+    try:
+        yield saved
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:

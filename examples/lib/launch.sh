@@ -36,6 +36,7 @@ fi
 : "${MICRO_BATCH_SIZE:=2}"
 : "${MICRO_BATCH_TOKENS:=0}"      # > 0: micro-batches filled up to this many tokens (e.g. 9216 =
                                   # 2 x (512 + 4096)); 0: MICRO_BATCH_SIZE sequences each
+: "${RECOMPUTE:=off}"             # full: rerun each layer in the backward (less activation memory)
 : "${SGLANG_TP:=1}"               # tensor parallel inside each learner-replica server
 : "${ROUTER_PORT:=30000}"         # the learner replica's entry point (sglang-router, or the only server)
 : "${REPLICA_PORT:=30100}"        # learner-replica server i listens on REPLICA_PORT + i
@@ -206,6 +207,7 @@ launch() {
   local overrides=(
     "model.path=$LEARNER" "data.path=$DATA" "parallel.tp=$TP" "parallel.pp=$PP"
     "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "parallel.micro_batch_tokens=$MICRO_BATCH_TOKENS"
+    "parallel.recompute=$RECOMPUTE"
     "rollout.engine=sglang" "rollout.weight_sync=$WEIGHT_SYNC"
     "rollout.learner_url=$LEARNER_URL" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
     "logging.run_dir=$RUN_DIR" "logging.wandb=$WANDB" "logging.wandb_mode=$WANDB_MODE"

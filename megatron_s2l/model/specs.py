@@ -156,6 +156,8 @@ def transformer_config(args: ModelArgs, model_cfg: ModelConfig, parallel: Parall
         variable_seq_lengths=parallel.pp > 1 and parallel.length_grouping,  # each micro-batch its own shape
         moe_token_dispatcher_type="alltoall",  # unused (dense); the default refuses variable_seq_lengths
         pipeline_model_parallel_size=parallel.pp,
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if parallel.recompute == "full" else {}),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,

@@ -1,7 +1,7 @@
-"""One learner update at TP=2 (with and without sequence parallelism), PP=2, TP=2xPP=2, DP=2 (distributed
-optimizer), PPxDP=2x2 with token-budget micro-batches (1 or 2 sequences of differing widths: shapes travel
-between pipeline stages), and with the batch split into 1, 2 or 4 micro-batches, gives the same loss,
-gradient norm and parameters as TP=1."""
+"""One learner update at TP=2 (with and without sequence parallelism), PP=2, TP=2xPP=2 (with full activation
+recompute), DP=2 (distributed optimizer), PPxDP=2x2 with token-budget micro-batches (1 or 2 sequences of
+differing widths: shapes travel between pipeline stages), and with the batch split into 1, 2 or 4
+micro-batches, gives the same loss, gradient norm and parameters as TP=1."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from tests.utils import make_tiny_model, run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "learner_worker.py"
 # 16 sequences per step in 2 mini-batches (2 updates) of 8;
-# name: (tp, pp, mbs, dist. optimizer, procs, mini, sequence parallel, micro-batch tokens)
+# name: (tp, pp, mbs, dist. optimizer, procs, mini, sequence parallel, micro-batch tokens, full recompute)
 LAYOUTS = {
-    "tp1_mb4": (1, 1, 2, 0, 1, 2, 1, 0),  # the reference: 4 micro-batches per update
-    "tp1_mb1": (1, 1, 8, 0, 1, 2, 1, 0),
-    "tp1_mb2": (1, 1, 4, 0, 1, 2, 1, 0),
-    "tp2": (2, 1, 2, 0, 2, 2, 1, 0),
-    "tp2_no_sp": (2, 1, 2, 0, 2, 2, 0, 0),
-    "pp2": (1, 2, 2, 0, 2, 2, 1, 0),
-    "tp2_pp2": (2, 2, 2, 0, 4, 2, 1, 0),
-    "dp2_distopt": (1, 1, 2, 1, 2, 2, 1, 0),
-    "pp2_dp2_tokens": (1, 2, 2, 1, 4, 2, 1, 40),
-    "one_update": (1, 1, 2, 0, 1, 1, 1, 0),
+    "tp1_mb4": (1, 1, 2, 0, 1, 2, 1, 0, 0),  # the reference: 4 micro-batches per update
+    "tp1_mb1": (1, 1, 8, 0, 1, 2, 1, 0, 0),
+    "tp1_mb2": (1, 1, 4, 0, 1, 2, 1, 0, 0),
+    "tp2": (2, 1, 2, 0, 2, 2, 1, 0, 0),
+    "tp2_no_sp": (2, 1, 2, 0, 2, 2, 0, 0, 0),
+    "pp2": (1, 2, 2, 0, 2, 2, 1, 0, 0),
+    "tp2_pp2_recompute": (2, 2, 2, 0, 4, 2, 1, 0, 1),
+    "dp2_distopt": (1, 1, 2, 1, 2, 2, 1, 0, 0),
+    "pp2_dp2_tokens": (1, 2, 2, 1, 4, 2, 1, 40, 0),
+    "one_update": (1, 1, 2, 0, 1, 1, 1, 0, 0),
 }
 
 
@@ -42,11 +42,13 @@ def run_layout(hf_dir, tmp_path_factory):
 
     def run(name):
         if name not in cache:
-            tp, pp, mbs, distopt, procs, mini, sp, tokens = LAYOUTS[name]
+            tp, pp, mbs, distopt, procs, mini, sp, tokens, recompute = LAYOUTS[name]
             out = tmp_path_factory.mktemp(name)
-            run_torchrun(WORKER, procs, [hf_dir, out, tp, pp, mbs, distopt, mini, sp, tokens], timeout=600)
+            run_torchrun(WORKER, procs, [hf_dir, out, tp, pp, mbs, distopt, mini, sp, tokens, recompute],
+                         timeout=600)
             ran = json.loads((out / "layout.json").read_text())
             assert ran["sequence_parallel"] == (sp and tp > 1), ran
+            assert ran["recompute"] == ("full" if recompute else None), ran
             if tokens:  # rank 0's 4 sequences per update (widths 24, 24, 16, 16) went 1 + 1 + 2
                 assert ran["micro_batches"] == [3, 3], ran
             metrics = json.loads((out / "metrics.json").read_text())
@@ -68,7 +70,7 @@ def test_first_update_has_ratio_exactly_one(run_layout):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["tp1_mb1", "tp1_mb2", "tp2", "tp2_no_sp", "pp2", "tp2_pp2",
+@pytest.mark.parametrize("layout", ["tp1_mb1", "tp1_mb2", "tp2", "tp2_no_sp", "pp2", "tp2_pp2_recompute",
                                     "dp2_distopt", "pp2_dp2_tokens"])
 def test_update_matches_tp1(run_layout, layout):
     ref_metrics, ref_params = run_layout("tp1_mb4")

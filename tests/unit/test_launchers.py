@@ -59,10 +59,10 @@ def _gpus(command: list[str]) -> set[str]:
                                             ("run_grpo_8b.sh", "/models/Qwen3-8B-Base")])
 def test_dry_run_commands_are_consistent(script, learner):
     commands = dry_run(script, ROLLOUT_GPUS="4", SGLANG_TP="2", ROUTER_PORT="31234", REPLICA_PORT="31300",
-                       TP="2", PP="2")
+                       TP="2", PP="2", RECOMPUTE="full")
     torchrun, cfg = _train_config(commands)
     assert _flag(torchrun, "--nproc-per-node") == "4" and _gpus(torchrun) == {"0", "1", "2", "3"}
-    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.recompute) == (2, 2, "full")
     assert cfg.model.path == learner and cfg.algorithm.kl_coef == 0.002  # user overrides pass through
     # the learner replica: one server per SGLANG_TP GPUs (never --dp-size: SGLang's weight-update group
     # ranks by TP rank), on the rollout GPUs, behind a router; the trainer updates every server

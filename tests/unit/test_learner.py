@@ -149,3 +149,27 @@ def test_length_grouping_trains_like_batch_order(mcore_world1, tmp_path):
         diffs = torch.cat([(weights[key] - value).abs().flatten() for key, value in plain_weights.items()])
         assert diffs.max() < 5e-5 and diffs.median() < 1e-7 and (diffs > 1e-6).float().mean() < 1e-3, name
     assert len(runs["token_budget"][2]) != len(runs["grouped"][2])  # the budget changed the micro-batches
+
+
+def test_full_recompute_trains_the_same_and_keeps_fewer_activations(mcore_world1, tmp_path):
+    """parallel.recompute=full: the same loss, gradient norm and weights as without it, while the model's
+    forward keeps only each layer's input for the backward."""
+    from tests.utils import forward_saved_bytes, make_tiny_model
+
+    hf_dir = make_tiny_model(tmp_path, num_hidden_layers=4, seed=5)
+    runs = {}
+    for recompute in ("off", "full"):
+        learner = build_learner(learner_config(**{"parallel.recompute": recompute}), str(hf_dir))
+        plan = learner.plan(fixed_batch(num_sequences=8, seq_len=40))
+        learner.compute_logprobs(plan)
+        learner.compute_logprobs(plan, reference=True)
+        gpt = convert.unwrap(learner.model)
+        parameters = {p.untyped_storage().data_ptr() for p in gpt.parameters()}
+        with forward_saved_bytes(gpt, parameters) as saved:
+            metrics = learner.train_step(plan)
+        runs[recompute] = metrics, _weights(learner), sum(saved.values())
+    (off, off_weights, off_bytes), (full, full_weights, full_bytes) = runs["off"], runs["full"]
+    for key in ("loss/total", "train/grad_norm", "loss/kl", "loss/entropy"):
+        assert full[key] == pytest.approx(off[key], rel=1e-6, abs=1e-9), key
+    assert all(torch.allclose(full_weights[k], v, atol=1e-6) for k, v in off_weights.items())
+    assert full_bytes < off_bytes / 4, (full_bytes, off_bytes)

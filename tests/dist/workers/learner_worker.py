@@ -1,7 +1,7 @@
 """torchrun worker: two learner updates on a fixed batch at a given layout.
 
 argv: HF_DIR OUT_DIR TP PP MICRO_BATCH_SIZE DISTRIBUTED_OPTIMIZER(0|1) MINI_BATCHES_PER_STEP
-      SEQUENCE_PARALLEL(0|1) MICRO_BATCH_TOKENS
+      SEQUENCE_PARALLEL(0|1) MICRO_BATCH_TOKENS FULL_RECOMPUTE(0|1)
 Rank 0 writes OUT_DIR/metrics.json (per update), OUT_DIR/layout.json (what megatron-core ran) and
 OUT_DIR/params.safetensors (HF names, after).
 Adam with a huge eps and lr makes each update ~ -gradient, so the parameters compare gradients.
@@ -24,11 +24,12 @@ def main():
     from tests.learner_fixtures import fixed_batch, learner_config
 
     hf_dir, out_dir = sys.argv[1], Path(sys.argv[2])
-    tp, pp, mbs, distopt, mini, sp, tokens = map(int, sys.argv[3:10])
+    tp, pp, mbs, distopt, mini, sp, tokens, recompute = map(int, sys.argv[3:11])
     platform.init_distributed(tp, pp)
     cfg = learner_config(**{"parallel.tp": tp, "parallel.pp": pp, "parallel.micro_batch_size": mbs,
                             "parallel.use_distributed_optimizer": bool(distopt),
                             "parallel.sequence_parallel": bool(sp), "parallel.micro_batch_tokens": tokens,
+                            "parallel.recompute": "full" if recompute else "off",
                             "optimizer.lr": 1e3,
                             "optimizer.mini_batches_per_step": mini, "rollout.prompts_per_step": 16,
                             "optimizer.adam_eps": 1e3, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0,
@@ -45,6 +46,7 @@ def main():
     if dist.get_rank() == 0:
         (out_dir / "metrics.json").write_text(json.dumps(history))
         ran = {"sequence_parallel": learner.model.config.sequence_parallel,
+               "recompute": learner.model.config.recompute_granularity,
                "micro_batches": [len(micro_batches) for micro_batches in plan]}
         (out_dir / "layout.json").write_text(json.dumps(ran))
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
