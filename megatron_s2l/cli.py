@@ -71,18 +71,25 @@ def _add_train(subparsers) -> None:
     train.add_argument("--config", help="YAML run config (examples/configs/*.yaml)")
     train.add_argument("--resume", default=None,
                        help="`auto` (latest checkpoint in checkpoint.dir) or a checkpoint directory")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the validated config with every default filled in (YAML) and exit")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML")
     train.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from megatron_s2l.config import load_config
-    from megatron_s2l.train.driver import run_training
+    from megatron_s2l.config import load_config, to_yaml
 
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
-    return run_training(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from megatron_s2l.train.driver import run_training
+
+    return run_training(cfg)
 
 
 def _add_pool(subparsers) -> None:

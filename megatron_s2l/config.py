@@ -532,3 +532,8 @@ def _check(ok: bool, field: str, value: Any, fix: str) -> None:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict (for run directories and checkpoints)."""
     return dataclasses.asdict(config)
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The whole config, every default filled in, in field order: loads back with load_config."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_s2l import platform
-from megatron_s2l.config import RunConfig, to_dict
+from megatron_s2l.config import RunConfig, to_dict, to_yaml
 from megatron_s2l.metrics.ledger import RolloutLedger
 from megatron_s2l.metrics.logger import build_metrics_logger
 from megatron_s2l.model import specs
@@ -219,9 +219,7 @@ def run_training(cfg: RunConfig) -> int:
     dims = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
     if platform.is_rank0():
-        import yaml
-
-        (Path(cfg.logging.run_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (Path(cfg.logging.run_dir) / "config.yaml").write_text(to_yaml(cfg))
     trainer = build_trainer(cfg, dims)
     try:
         trainer.run()

@@ -87,3 +87,20 @@ def test_every_example_config_loads():
     configs = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
     for path in configs:
         load_config(path)
+
+
+def test_print_config_shows_every_field_and_loads_back(tmp_path, capsys):
+    """`s2l train --print-config`: the resolved config with defaults, which itself loads as a run config."""
+    from megatron_s2l.cli import main
+    from megatron_s2l.config import to_dict
+
+    assert main(["train", "--config", str(_write(tmp_path, VALID)), "rollout.group_size=8",
+                 "parallel.recompute=full", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed)
+    config = load_config(tmp_path / "printed.yaml")
+    assert to_dict(config) == to_dict(load_config(_write(tmp_path, VALID), ["rollout.group_size=8",
+                                                                             "parallel.recompute=full"]))
+    assert config.rollout.group_size == 8 and config.parallel.recompute == "full"
+    assert "  temperature: 1.0" in printed and "algorithm:" in printed  # defaults are spelled out
+    assert main(["train", "--config", str(_write(tmp_path, VALID)), "rollout.gruop_size=8", "--print-config"]) == 2
