@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -274,11 +275,15 @@ class RewardConfig:
 @dataclasses.dataclass
 class EvalConfig:
     path: str = ""
-    """Held-out prompts scored with the learner replica during training (same formats as data.path)."""
+    """Held-out prompts scored with the learner replica during training (same formats as data.path);
+    logged as eval/accuracy."""
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+    """More held-out sets, name -> path, each logged as eval/<name>/accuracy, e.g.
+    `{math500: /data/math500.jsonl, aime25: /data/aime25.jsonl}` (the paper reports four benchmarks)."""
     every_steps: int = 0
     """Evaluate every N steps and after the last one (0: never)."""
     max_prompts: int = 200
-    """Use at most this many held-out prompts."""
+    """Use at most this many prompts of each held-out set."""
     temperature: float = 0.7
     """Evaluation sampling (paper: Qwen3 nothink, T 0.7, top_p 0.8, top_k 20, presence penalty 1.5)."""
     top_p: float = 0.8
@@ -289,6 +294,10 @@ class EvalConfig:
         _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "use >= 0 (0: off)")
         if self.every_steps:
             _check(bool(self.path), "eval.path", self.path, "set held-out prompts or eval.every_steps=0")
+        for name, path in self.extra.items():
+            _check(re.fullmatch(r"[A-Za-z0-9_\-]+", name) is not None and name not in ("accuracy", "mean_length"),
+                   "eval.extra", name, "name each set with letters, digits, _ or - (it becomes eval/<name>/accuracy)")
+            _check(bool(path), f"eval.extra.{name}", path, "give the set's path")
 
 
 @dataclasses.dataclass
@@ -495,6 +504,11 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{field}={value!r} is not one of {list(choices)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{field}={value!r} must be a mapping, e.g. {{name: value}}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(key_hint, k, f"{field} key"): _coerce(value_hint, v, f"{field}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{field}={value!r} must be a list, e.g. [a, b]")

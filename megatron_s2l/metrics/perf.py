@@ -8,6 +8,7 @@ the same count for its MFU.
 from __future__ import annotations
 
 import resource
+import sys
 
 import torch
 import torch.distributed as dist
@@ -60,10 +61,10 @@ def throughput_metrics(flops: float, seconds: float, device: torch.device) -> di
 def memory_metrics(device: torch.device) -> dict[str, float]:
     """Peak memory since the last call, the largest over all ranks (every rank must call this).
 
-    memory/device_peak_gib: CUDA memory allocated by tensors (the peak is reset for the next step);
-    memory/host_peak_gib: the process's peak resident memory (Linux counts it over the process's life).
+    memory/device_peak_gib: CUDA memory allocated by tensors; memory/host_peak_gib: the process's resident
+    memory. Both peaks are reset for the next step.
     """
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # ru_maxrss is in KiB
+    host = _host_peak_gib()
     device_peak = 0.0
     if device.type == "cuda":
         device_peak = torch.cuda.max_memory_allocated(device) / 2**30
@@ -75,3 +76,17 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         metrics["memory/device_peak_gib"] = peaks[1].item()
     return metrics
+
+
+def _host_peak_gib() -> float:
+    """Linux: VmHWM, the peak resident set of this process image, then reset to the current size
+    (/proc/self/clear_refs). getrusage's ru_maxrss cannot be reset and survives exec: a process started
+    from a large one (a test runner) would report its parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return kib / 2**20
+    except (OSError, StopIteration):  # not Linux: the lifetime peak (ru_maxrss is in bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)

@@ -45,7 +45,7 @@ class RolloutSide:
     scorer: object
     tokenizer: object
     ledger: RolloutLedger
-    eval_prompts: list
+    eval_sets: dict[str, list]  # metric prefix ("eval" or "eval/<name>") -> held-out prompts
     pad_id: int
     dp_size: int
 
@@ -70,19 +70,22 @@ class RolloutSide:
 
     def eval_due(self, step: int, total: int) -> bool:
         every = self.cfg.eval.every_steps
-        return bool(self.eval_prompts) and every > 0 and (step % every == 0 or step == total)
+        return bool(self.eval_sets) and every > 0 and (step % every == 0 or step == total)
 
     def evaluate(self) -> dict[str, float]:
-        """pass@1 of the learner replica (the weights just synced) on held-out prompts."""
+        """pass@1 of the learner replica (the weights just synced) on each held-out set."""
         from megatron_s2l.eval.runner import evaluate_prompts
 
         ev = self.cfg.eval
         params = SamplingParams(max_new_tokens=self.cfg.rollout.max_response_length, temperature=ev.temperature,
                                 top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty,
                                 seed=self.cfg.seed)
-        _, summary = evaluate_prompts(self.learner_engine, self.eval_prompts, self.tokenizer, self.scorer, 1,
-                                      params, self.collector.loop)
-        return {"eval/accuracy": summary["pass@1"], "eval/mean_length": summary["mean_length"]}
+        metrics = {}
+        for prefix, prompts in self.eval_sets.items():
+            _, summary = evaluate_prompts(self.learner_engine, prompts, self.tokenizer, self.scorer, 1, params,
+                                          self.collector.loop)
+            metrics |= {f"{prefix}/accuracy": summary["pass@1"], f"{prefix}/mean_length": summary["mean_length"]}
+        return metrics
 
     def state_dict(self) -> dict:
         state = {"dataset": self.dataset.state_dict(), "schedule": self.collector.schedule.state_dict(),
@@ -162,10 +165,12 @@ def build_rollout_side(cfg: RunConfig, learner_params: int, dp_size: int) -> Rol
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     dataset = build_dataset(cfg.data, tokenizer, cfg.seed)
-    eval_prompts = []
+    eval_sets = {}
     if cfg.eval.every_steps:
-        eval_data = DataConfig(**{**to_dict(cfg.data), "path": cfg.eval.path, "shuffle": False})
-        eval_prompts = load_prompts(eval_data, tokenizer)[: cfg.eval.max_prompts]
+        paths = {"eval": cfg.eval.path} | {f"eval/{name}": path for name, path in cfg.eval.extra.items()}
+        for prefix, path in paths.items():
+            eval_data = DataConfig(**{**to_dict(cfg.data), "path": path, "shuffle": False})
+            eval_sets[prefix] = load_prompts(eval_data, tokenizer)[: cfg.eval.max_prompts]
     explorer = build_explorer(cfg)
     learner_engine = build_learner_engine(cfg)
     scorer = build_scorer(cfg.reward)
@@ -178,7 +183,7 @@ def build_rollout_side(cfg: RunConfig, learner_params: int, dp_size: int) -> Rol
     ledger = RolloutLedger(learner_params=learner_params, explorer_params=explorer_params,
                            explorer_is_pool=cfg.explorer.mode == "pool")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return RolloutSide(cfg, dataset, collector, learner_engine, explorer, scorer, tokenizer, ledger, eval_prompts,
+    return RolloutSide(cfg, dataset, collector, learner_engine, explorer, scorer, tokenizer, ledger, eval_sets,
                        pad_id, dp_size)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.utils import REPO, TINY_CONFIG, read_rows, run_s2l, subprocess_env, toy_overrides
 
-NOT_COMPARED = ("timing/", "throughput/", "sync/seconds", "sync/gb_per_s", "time")
+NOT_COMPARED = ("timing/", "throughput/", "perf/", "memory/", "sync/seconds", "sync/gb_per_s", "time")
 
 
 def _comparable(row: dict) -> dict:

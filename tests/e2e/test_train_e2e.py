@@ -34,9 +34,10 @@ def _check_schedule_and_sources(rows, group_size=4, t_mix=3, steps=4, kind="line
 
 @pytest.mark.slow
 def test_s2l_po_tp1(toy_world, tmp_path):
-    result = _train(toy_world, tmp_path / "run")
+    result = _train(toy_world, tmp_path / "run", **{"eval.extra": f"{{again: {toy_world['test']}}}"})
     rows = read_rows(tmp_path / "run")
     _check_schedule_and_sources(rows)
+    assert [0 <= r["eval/again/accuracy"] <= 1 for r in rows if "eval/accuracy" in r] == [True, True]
     assert "step 4/4 | alpha 0.00 G_w/G_s 0/4" in result.stdout  # the progress line
     assert rows[-1]["rollout/flops_saving_online"] > 0  # pool samples are free at training time
     assert (tmp_path / "run" / "checkpoints" / "step_000004" / "trainer_state.json").is_file()

@@ -30,6 +30,8 @@ def test_valid_yaml_and_overrides(tmp_path):
     assert config.optimizer.lr == 2e-6
     assert config.logging.wandb is True
     assert config.explorer.pool_path == "/pools/qwen3-1.7b"
+    more = load_config(_write(tmp_path, VALID), ["eval.extra={math500: /d/math500.jsonl, aime-25: /d/aime25.jsonl}"])
+    assert more.eval.extra == {"math500": "/d/math500.jsonl", "aime-25": "/d/aime25.jsonl"}
 
 
 def test_defaults_follow_the_paper():
@@ -63,6 +65,10 @@ def test_defaults_follow_the_paper():
     (VALID, ["rollout=3"], "rollout must be a mapping"),
     ("- just\n- a list\n", [], "top level must be a mapping"),
     (VALID, ["no_equals_sign"], "must look like key.sub=value"),
+    (VALID, ["eval.extra=[/data/math500.jsonl]"], "eval.extra=['/data/math500.jsonl'] must be a mapping"),
+    (VALID, ["eval.extra={math 500: /data/math500.jsonl}"], "eval.extra='math 500' is invalid"),
+    (VALID, ["eval.extra={accuracy: /data/math500.jsonl}"], "eval.extra='accuracy' is invalid"),
+    (VALID, ["eval.extra={math500: 3}"], "eval.extra.math500=3 must be a string"),
 ])
 def test_malformed_config_names_the_field(tmp_path, text, overrides, field):
     with pytest.raises(ConfigError) as err:
