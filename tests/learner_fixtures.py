@@ -31,3 +31,24 @@ def learner_config(**overrides) -> RunConfig:
             "rollout.max_response_length": 16, "algorithm.logprob_chunk_size": 7, "steps": 2}
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def measured_learner_bytes(learner) -> dict[str, int]:
+    """What the learner's tensors really take on this rank (after an update, when Adam state exists): unique
+    storages of the parameters, megatron DDP's gradient buffers, the optimizer's own tensors (fp32 master
+    copies, Adam state) and the reference model's parameters."""
+    from megatron_s2l.model.convert import unwrap
+
+    def storages(tensors) -> dict[int, int]:
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+    weights = storages(unwrap(learner.model).parameters())
+    optimizer: dict[int, int] = {}
+    for inner in getattr(learner.optimizer, "chained_optimizers", [learner.optimizer]):
+        tensors = [p for group in inner.optimizer.param_groups for p in group["params"]]
+        tensors += [v for state in inner.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        optimizer |= {ptr: size for ptr, size in storages(tensors).items() if ptr not in weights}  # views: free
+    reference = storages(learner.ref_model.parameters()) if learner.ref_model is not None else {}
+    return {"weights": sum(weights.values()), "optimizer": sum(optimizer.values()),
+            "gradients": sum(buffer.grad_data.untyped_storage().nbytes() for buffer in learner.model.buffers),
+            "reference": sum(reference.values())}

@@ -27,6 +27,7 @@ from megatron_s2l.rollout.schedule import build_schedule
 from megatron_s2l.rollout.types import Group, SamplingParams
 from megatron_s2l.train.checkpoint import Checkpointer
 from megatron_s2l.train.learner import build_learner
+from megatron_s2l.train.memory_budget import report_memory_budget
 from megatron_s2l.train.trainer import Trainer
 from megatron_s2l.train.weight_sync import WeightSync
 
@@ -192,6 +193,7 @@ def build_trainer(cfg: RunConfig, dims: platform.ParallelDims) -> Trainer:
     hf_config = specs.load_hf_config(cfg.model.path)
     args = specs.model_args_from_hf(hf_config)
     learner = build_learner(cfg, cfg.model.path, cfg.model.megatron_checkpoint)
+    report_memory_budget(learner)  # before the first rollout: a layout that cannot fit shows now
     run_dir = Path(cfg.logging.run_dir)
     rollout = build_rollout_side(cfg, args.num_parameters, dims.dp) if platform.is_rank0() else None
     loop = rollout.collector.loop if rollout is not None else None

@@ -49,6 +49,8 @@ def run_layout(hf_dir, tmp_path_factory):
             ran = json.loads((out / "layout.json").read_text())
             assert ran["sequence_parallel"] == (sp and tp > 1), ran
             assert ran["recompute"] == ("full" if recompute else None), ran
+            for part, size in ran["memory_measured"].items():  # rank 0's tensors vs the startup report
+                assert ran["memory_budget"][part] == pytest.approx(size, rel=0.02), (part, ran)
             if tokens:  # rank 0's 4 sequences per update (widths 24, 24, 16, 16) went 1 + 1 + 2
                 assert ran["micro_batches"] == [3, 3], ran
             metrics = json.loads((out / "metrics.json").read_text())

@@ -39,6 +39,7 @@ def test_s2l_po_tp1(toy_world, tmp_path):
     _check_schedule_and_sources(rows)
     assert [0 <= r["eval/again/accuracy"] <= 1 for r in rows if "eval/accuracy" in r] == [True, True]
     assert "step 4/4 | alpha 0.00 G_w/G_s 0/4" in result.stdout  # the progress line
+    assert "learner memory per GPU before activations: " in result.stdout  # the startup report
     assert rows[-1]["rollout/flops_saving_online"] > 0  # pool samples are free at training time
     assert (tmp_path / "run" / "checkpoints" / "step_000004" / "trainer_state.json").is_file()
 

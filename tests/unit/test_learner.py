@@ -173,3 +173,26 @@ def test_full_recompute_trains_the_same_and_keeps_fewer_activations(mcore_world1
         assert full[key] == pytest.approx(off[key], rel=1e-6, abs=1e-9), key
     assert all(torch.allclose(full_weights[k], v, atol=1e-6) for k, v in off_weights.items())
     assert full_bytes < off_bytes / 4, (full_bytes, off_bytes)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_memory_budget_matches_the_learners_tensors(mcore_world1, tmp_path, dtype, distributed_optimizer):
+    """The startup report (weights, fp32 gradients, Adam state + fp32 master copy in bf16, reference) against
+    the bytes the learner's tensors take once an update has created the optimizer state."""
+    from megatron_s2l.train.memory_budget import learner_memory_budget
+    from tests.learner_fixtures import measured_learner_bytes
+    from tests.utils import make_tiny_model
+
+    learner = build_learner(learner_config(**{"model.dtype": dtype,
+                                              "parallel.use_distributed_optimizer": distributed_optimizer}),
+                            str(make_tiny_model(tmp_path, num_hidden_layers=2, seed=5)))
+    plan = learner.plan(fixed_batch())
+    learner.compute_logprobs(plan)
+    learner.compute_logprobs(plan, reference=True)
+    learner.train_step(plan)
+    budget, measured = learner_memory_budget(learner), measured_learner_bytes(learner)
+    for part, size in measured.items():  # buffers are padded by a few hundred bytes
+        assert getattr(budget, part) == pytest.approx(size, rel=1e-3), part
+    num_params = budget.gradients / 4  # fp32 gradients
+    assert budget.optimizer == (12 if dtype == "bfloat16" else 8) * num_params  # Adam's moments (+ fp32 copy)

@@ -7,6 +7,7 @@ OUT_DIR/params.safetensors (HF names, after).
 Adam with a huge eps and lr makes each update ~ -gradient, so the parameters compare gradients.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def main():
     from megatron_s2l import platform
     from megatron_s2l.model import convert
     from megatron_s2l.train.learner import build_learner
-    from tests.learner_fixtures import fixed_batch, learner_config
+    from megatron_s2l.train.memory_budget import learner_memory_budget
+    from tests.learner_fixtures import fixed_batch, learner_config, measured_learner_bytes
 
     hf_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     tp, pp, mbs, distopt, mini, sp, tokens, recompute = map(int, sys.argv[3:11])
@@ -43,11 +45,13 @@ def main():
         learner.compute_logprobs(plan, reference=True)
         history.append(learner.train_step(plan))
     params = dict(convert.iter_hf_tensors(learner.model, learner.args))
+    budget = dataclasses.asdict(learner_memory_budget(learner))
     if dist.get_rank() == 0:
         (out_dir / "metrics.json").write_text(json.dumps(history))
         ran = {"sequence_parallel": learner.model.config.sequence_parallel,
                "recompute": learner.model.config.recompute_granularity,
-               "micro_batches": [len(micro_batches) for micro_batches in plan]}
+               "micro_batches": [len(micro_batches) for micro_batches in plan],
+               "memory_budget": budget, "memory_measured": measured_learner_bytes(learner)}
         (out_dir / "layout.json").write_text(json.dumps(ran))
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
     platform.destroy_distributed()
