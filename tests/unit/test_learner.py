@@ -196,3 +196,24 @@ def test_memory_budget_matches_the_learners_tensors(mcore_world1, tmp_path, dtyp
         assert getattr(budget, part) == pytest.approx(size, rel=1e-3), part
     num_params = budget.gradients / 4  # fp32 gradients
     assert budget.optimizer == (12 if dtype == "bfloat16" else 8) * num_params  # Adam's moments (+ fp32 copy)
+
+
+def test_memory_report_warns_when_activations_would_not_fit(monkeypatch, caplog):
+    """A layout whose fixed memory takes most of the GPU is named at startup, with the fix."""
+    import types
+
+    from megatron_s2l.train.memory_budget import report_memory_budget
+
+    model = torch.nn.Linear(1000, 1000, bias=False)  # 1e6 bf16 parameters: 20 MB with everything
+    learner = types.SimpleNamespace(cfg=learner_config(**{"model.dtype": "bfloat16",
+                                                          "parallel.use_distributed_optimizer": False}),
+                                    model=model, ref_model=model, device=torch.device("cuda"))
+    for capacity, warns in ((24e6, True), (40e6, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, capacity=capacity: types.SimpleNamespace(total_memory=capacity))
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            budget = report_memory_budget(learner)
+        assert budget.total == 1e6 * (2 + 4 + 12 + 2)
+        assert "learner memory per GPU before activations: 0.02 GiB" in caplog.text
+        assert ("raise parallel.tp or parallel.pp" in caplog.text) == warns
