@@ -35,6 +35,8 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=1024, tie_word_embeddings=True),
 }
+
+
 def run_variant(precision: str, grouping: bool, micro_batch_tokens: int, args: argparse.Namespace,
                 model_dir: str) -> dict:
     from megatron_s2l import platform

@@ -201,10 +201,11 @@ def run_s2l(args: list[str], timeout: int = 600, nproc: int = 1, check: bool = T
 
 
 @contextlib.contextmanager
-def forward_saved_bytes(model: torch.nn.Module, parameters: set[int]) -> Iterator[dict[int, int]]:
+def forward_saved_bytes(model: torch.nn.Module) -> Iterator[dict[int, int]]:
     """Count the bytes `model`'s forward passes save for backward (storage -> bytes, parameters' storages
     excluded): the activations that stay alive until the backward. Layers that a recomputing backward
     reruns are not counted again."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
