@@ -1,4 +1,4 @@
-"""`s2l` command line: train | pool | eval | convert | demo. Parses, builds, runs, closes."""
+"""`s2l` command line: train | pool | eval | convert. Parses, builds, runs, closes."""
 
 from __future__ import annotations
 
@@ -104,20 +104,6 @@ def _add_eval(subparsers) -> None:
     add_eval_arguments(subparsers)
 
 
-def _add_demo(subparsers) -> None:
-    demo = subparsers.add_parser(
-        "demo", help="the CPU demo: toy models, explorer pool, S2L-PO vs GRPO, comparison and plots",
-        description="Runs the whole pipeline on a laptop-class CPU in minutes (same as `make demo`).")
-    demo.add_argument("--out", default="runs/demo", help="directory for models, pool, runs and plots")
-    demo.set_defaults(handler=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from megatron_s2l.demo import run_demo
-
-    return run_demo(args.out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2l", description="megatron-s2l: S2L-PO on Megatron-Core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pool(subparsers)
     _add_eval(subparsers)
     _add_convert(subparsers)
-    _add_demo(subparsers)
     return parser
 
 
