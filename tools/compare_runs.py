@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare runs side by side from their metrics.jsonl: held-out accuracy per step, learner success,
-and the rollout compute each run spent. Prints a Markdown table and writes comparison.md next to the
-first run.
+the rollout compute each run spent, and the final accuracy on every held-out set (eval.extra). Prints
+Markdown tables and writes them to comparison.md next to the first run.
 
     python tools/compare_runs.py runs/demo/s2l runs/demo/grpo
 """
@@ -9,6 +9,7 @@ first run.
 from __future__ import annotations
 
 import argparse
+from fnmatch import fnmatch
 from pathlib import Path
 
 from megatron_s2l.metrics.runs import read_metrics
@@ -47,7 +48,22 @@ def comparison_table(run_dirs: list[Path]) -> str:
                      f"{int(last.get('rollout/learner_tokens_total', 0))} | "
                      f"{int(last.get('rollout/explorer_tokens_total', 0))} | {1 - saving:.2f}x | "
                      f"{_cell({'v': step_time[name]}, 'v', '.2f')} s | {_cell({'v': ratio}, 'v', '.2f')}x |")
-    return "\n".join(lines)
+    return "\n".join(lines + _final_accuracy_per_set(runs))
+
+
+def _final_accuracy_per_set(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """Where runs evaluated more held-out sets than eval.path: each set's last accuracy, a row per run."""
+    metrics = sorted({k for rows in runs.values() for r in rows.values() for k in r if fnmatch(k, "eval/*/accuracy")})
+    if not metrics:
+        return []
+    metrics = ["eval/accuracy"] + metrics
+    lines = ["", "| run | " + " | ".join(f"final {m.removesuffix('accuracy').strip('/') or 'eval'} acc"
+                                        for m in metrics) + " |", "|---" * (1 + len(metrics)) + "|"]
+    for name, rows in runs.items():
+        last = [next((r[m] for _, r in sorted(rows.items(), reverse=True) if r.get(m) is not None), None)
+                for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(_cell({"v": v}, "v") for v in last) + " |")
+    return lines
 
 
 def mixing_step_time(runs: dict[str, dict[int, dict]]) -> dict[str, float | None]:

@@ -94,3 +94,18 @@ def test_plots_draw_every_held_out_set_and_skip_panels_without_data(tmp_path):
         "accuracy.png": ["s2l held-out", "s2l aime25", "s2l math500", "grpo held-out"],
         "kl.png": ["s2l", "grpo"], "memory.png": ["s2l host", "grpo host"]}
     assert all(path.stat().st_size > 1000 for path in written)  # real PNGs
+
+
+def test_compare_runs_reports_the_final_accuracy_of_every_held_out_set(tmp_path):
+    from tools.compare_runs import comparison_table
+
+    for name, math500 in (("s2l", [0.5, 0.625]), ("grpo", [0.5, None])):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "eval/accuracy": 0.1 * s, "eval/math500/accuracy": m} for s, m in zip((1, 2), math500)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = comparison_table([tmp_path / "s2l", tmp_path / "grpo"])
+    assert "| run | final eval acc | final eval/math500 acc |" in table
+    assert "| s2l | 0.200 | 0.625 |" in table and "| grpo | 0.200 | 0.500 |" in table  # the last value logged
+    table_without = comparison_table([tmp_path / "grpo"])
+    (tmp_path / "grpo" / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/accuracy": 0.3}) + "\n")
+    assert "final eval/math500" in table_without and "final eval/" not in comparison_table([tmp_path / "grpo"])
