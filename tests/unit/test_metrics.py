@@ -106,6 +106,5 @@ def test_compare_runs_reports_the_final_accuracy_of_every_held_out_set(tmp_path)
     table = comparison_table([tmp_path / "s2l", tmp_path / "grpo"])
     assert "| run | final eval acc | final eval/math500 acc |" in table
     assert "| s2l | 0.200 | 0.625 |" in table and "| grpo | 0.200 | 0.500 |" in table  # the last value logged
-    table_without = comparison_table([tmp_path / "grpo"])
     (tmp_path / "grpo" / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/accuracy": 0.3}) + "\n")
-    assert "final eval/math500" in table_without and "final eval/" not in comparison_table([tmp_path / "grpo"])
+    assert "final eval/" not in comparison_table([tmp_path / "grpo"])  # eval.path only: no such table
