@@ -173,8 +173,7 @@ def test_full_recompute_trains_the_same_and_keeps_fewer_activations(mcore_world1
     assert full_bytes < off_bytes / 4, (full_bytes, off_bytes)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("distributed_optimizer", [True, False])
+@pytest.mark.parametrize("dtype, distributed_optimizer", [("bfloat16", True), ("float32", False)])
 def test_memory_budget_matches_the_learners_tensors(mcore_world1, tmp_path, dtype, distributed_optimizer):
     """The startup report (weights, fp32 gradients, Adam state + fp32 master copy in bf16, reference) against
     the bytes the learner's tensors take once an update has created the optimizer state."""
