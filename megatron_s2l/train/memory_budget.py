@@ -46,7 +46,7 @@ def learner_memory_budget(learner) -> MemoryBudget:
     must call it."""
     cfg = learner.cfg
     local_params = sum(p.numel() for p in convert.unwrap(learner.model).parameters())
-    weight_bytes = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+    weight_bytes = getattr(torch, cfg.model.dtype).itemsize
     optimizer_bytes = ADAM_STATE_BYTES + (FP32_MAIN_COPY_BYTES if weight_bytes < 4 else 0)
     if cfg.parallel.use_distributed_optimizer:
         from megatron.core import parallel_state

@@ -78,6 +78,7 @@ class Trainer:
                 with timer("eval"):
                     metrics |= self.evaluate(step)
                 metrics |= timer.metrics(num_tokens, flops, self.learner.device)
+                metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
                 self.profiler.step_ends(step)
                 self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
@@ -117,7 +118,7 @@ class Trainer:
 
 class _StepTimer:
     """Wall time per phase of one step (a named range in profiles), as timing/<phase>_s metrics, plus
-    tokens/s, the learner's TFLOP/s and MFU per GPU, and peak memory."""
+    tokens/s and the learner's TFLOP/s and MFU per GPU."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -137,9 +138,7 @@ class _StepTimer:
         # response tokens sampled and trained on per second of the whole step
         out["throughput/tokens_per_s"] = num_response_tokens / total if total > 0 else 0.0
         learner_seconds = self.seconds.get("logprob", 0.0) + self.seconds.get("train", 0.0)
-        out |= perf.throughput_metrics(learner_flops, learner_seconds, device)
-        out |= perf.memory_metrics(device)
-        return out
+        return out | perf.throughput_metrics(learner_flops, learner_seconds, device)
 
 
 @contextlib.contextmanager
