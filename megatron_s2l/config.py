@@ -284,6 +284,9 @@ class EvalConfig:
     """Evaluate every N steps and after the last one (0: never)."""
     max_prompts: int = 200
     """Use at most this many prompts of each held-out set."""
+    samples_per_prompt: int = 1
+    """k samples per problem; eval/accuracy is their mean pass@1 (paper: 16, so AIME's 30 problems give a
+    steadier number). k > 1 also logs eval/pass@k, eval/unique_answer_ratio and eval/self_bleu."""
     temperature: float = 0.7
     """Evaluation sampling (paper: Qwen3 nothink, T 0.7, top_p 0.8, top_k 20, presence penalty 1.5)."""
     top_p: float = 0.8
@@ -292,6 +295,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "use >= 0 (0: off)")
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", self.samples_per_prompt, "use >= 1")
         if self.every_steps:
             _check(bool(self.path), "eval.path", self.path, "set held-out prompts or eval.every_steps=0")
         for name, path in self.extra.items():

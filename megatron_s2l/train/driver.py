@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -64,8 +65,6 @@ class RolloutSide:
     @property
     def groups_multiple(self) -> int:
         """Groups per step must make a batch that splits into mini-batches x DP ranks x micro-batches."""
-        import math
-
         rows = self.cfg.optimizer.mini_batches_per_step * self.dp_size * self.cfg.parallel.sequences_multiple
         return rows // math.gcd(rows, self.cfg.rollout.group_size)
 
@@ -74,18 +73,23 @@ class RolloutSide:
         return bool(self.eval_sets) and every > 0 and (step % every == 0 or step == total)
 
     def evaluate(self) -> dict[str, float]:
-        """pass@1 of the learner replica (the weights just synced) on each held-out set."""
+        """Mean pass@1 over k samples per problem of the learner replica, whose weights were just synced, on
+        each held-out set; with k > 1 also pass@k and the answers' diversity."""
         from megatron_s2l.eval.runner import evaluate_prompts
 
         ev = self.cfg.eval
+        k = ev.samples_per_prompt
         params = SamplingParams(max_new_tokens=self.cfg.rollout.max_response_length, temperature=ev.temperature,
                                 top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty,
                                 seed=self.cfg.seed)
         metrics = {}
         for prefix, prompts in self.eval_sets.items():
-            _, summary = evaluate_prompts(self.learner_engine, prompts, self.tokenizer, self.scorer, 1, params,
+            _, summary = evaluate_prompts(self.learner_engine, prompts, self.tokenizer, self.scorer, k, params,
                                           self.collector.loop)
             metrics |= {f"{prefix}/accuracy": summary["pass@1"], f"{prefix}/mean_length": summary["mean_length"]}
+            if k > 1:  # and the diversity of each problem's k samples, which the paper tracks
+                keys = (f"pass@{k}", "unique_answer_ratio", "self_bleu")
+                metrics |= {f"{prefix}/{key}": summary[key] for key in keys}
         return metrics
 
     def state_dict(self) -> dict:

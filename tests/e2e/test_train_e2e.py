@@ -34,10 +34,13 @@ def _check_schedule_and_sources(rows, group_size=4, t_mix=3, steps=4, kind="line
 
 @pytest.mark.slow
 def test_s2l_po_tp1(toy_world, tmp_path):
-    result = _train(toy_world, tmp_path / "run", **{"eval.extra": f"{{again: {toy_world['test']}}}"})
+    result = _train(toy_world, tmp_path / "run", **{"eval.extra": f"{{again: {toy_world['test']}}}",
+                                                   "eval.samples_per_prompt": 2})
     rows = read_rows(tmp_path / "run")
     _check_schedule_and_sources(rows)
-    assert [0 <= r["eval/again/accuracy"] <= 1 for r in rows if "eval/accuracy" in r] == [True, True]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [0 <= r["eval/again/accuracy"] <= r["eval/again/pass@2"] <= 1 for r in evals] == [True, True]
+    assert [0 < r["eval/unique_answer_ratio"] <= 1 and "eval/self_bleu" in r for r in evals] == [True, True]
     assert "step 4/4 | alpha 0.00 G_w/G_s 0/4" in result.stdout  # the progress line
     assert "learner memory per GPU before activations: " in result.stdout  # the startup report
     assert rows[-1]["rollout/flops_saving_online"] > 0  # pool samples are free at training time

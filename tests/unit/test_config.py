@@ -69,6 +69,7 @@ def test_defaults_follow_the_paper():
     (VALID, ["eval.extra={math 500: /data/math500.jsonl}"], "eval.extra='math 500' is invalid"),
     (VALID, ["eval.extra={accuracy: /data/math500.jsonl}"], "eval.extra='accuracy' is invalid"),
     (VALID, ["eval.extra={math500: 3}"], "eval.extra.math500=3 must be a string"),
+    (VALID, ["eval.samples_per_prompt=0"], "eval.samples_per_prompt=0 is invalid"),
 ])
 def test_malformed_config_names_the_field(tmp_path, text, overrides, field):
     with pytest.raises(ConfigError) as err:
