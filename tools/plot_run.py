@@ -23,6 +23,8 @@ PANELS = [  # (file name, title, [(metric, label suffix)]); a * in a metric stan
                                   ("eval/*/accuracy", "{}")]),
     ("kl.png", "KL to reference", [("loss/kl", "")]),
     ("entropy.png", "entropy", [("loss/entropy", "")]),
+    ("diversity.png", "distinct answers per group", [("groups/unique_answer_ratio", "rollout groups"),
+                                                     ("eval/unique_answer_ratio", "held-out")]),
     ("length.png", "response length", [("response/mean_length", "")]),
     ("throughput.png", "learner TFLOP/s per GPU", [("perf/tflops_per_gpu", "")]),
     ("memory.png", "peak memory per rank (GiB)", [("memory/device_peak_gib", "device"),

@@ -27,6 +27,7 @@ from collections import Counter
 from typing import Callable, Optional, Sequence, Union
 
 from megatron_s2l.config import ExplorerConfig, RolloutConfig
+from megatron_s2l.eval.diversity import unique_answer_ratio
 from megatron_s2l.rollout.engine import RolloutEngine
 from megatron_s2l.rollout.local import derive_seed
 from megatron_s2l.rollout.pool import ExplorerPool, PromptRecord, Scorer
@@ -218,7 +219,7 @@ def _success_rate(groups: list[Group], source: str) -> Optional[float]:
 
 
 def sample_metrics(groups: list[Group]) -> dict[str, float]:
-    """Reward, success, length and truncation per source and overall, over the given groups."""
+    """Reward, success, length and truncation per source and overall, and answer diversity per group."""
     out = {}
     everything = [s for g in groups for s in g.samples]
     for name, samples in (("all", everything), *((src, [s for s in everything if s.source == src])
@@ -233,6 +234,9 @@ def sample_metrics(groups: list[Group]) -> dict[str, float]:
         out[f"response/{suffix}truncated_frac"] = sum(s.finish_reason == "length" for s in samples) / count
     if groups:
         out["groups/zero_variance_frac"] = sum(len(set(g.rewards)) <= 1 for g in groups) / len(groups)
+        # the paper's policy-level diversity: distinct final answers per (mixed) group
+        out["groups/unique_answer_ratio"] = sum(unique_answer_ratio([s.answer for s in g.samples])
+                                                for g in groups) / len(groups)
     return out
 
 

@@ -27,7 +27,7 @@ def _check_schedule_and_sources(rows, group_size=4, t_mix=3, steps=4, kind="line
         assert row["rollout/num_samples"] == 4 * group_size
         for key in ("loss/kl", "loss/clip_frac", "loss/entropy", "train/grad_norm", "timing/train_s",
                     "timing/sync_s", "sync/gb_per_s", "response/mean_length", "throughput/tokens_per_s",
-                    "perf/tflops_per_gpu", "memory/host_peak_gib"):
+                    "perf/tflops_per_gpu", "memory/host_peak_gib", "groups/unique_answer_ratio"):
             assert key in row, key
     assert "eval/accuracy" in rows[1] and "eval/accuracy" in rows[3]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_s2l.config import ExplorerConfig, RolloutConfig
-from megatron_s2l.rollout.collector import RolloutCollector, build_collector, drop_reason
+from megatron_s2l.rollout.collector import RolloutCollector, build_collector, drop_reason, sample_metrics
 from megatron_s2l.rollout.local import build_local_engine
 from megatron_s2l.rollout.pool import ExplorerPool, build_pool, tokenizer_hash
 from megatron_s2l.rollout.schedule import AnnealSchedule
@@ -263,3 +263,18 @@ def test_build_collector_from_config(engines, tokenizer, pool):
     with pytest.raises(ValueError, match="more_prompts"):
         build_collector(dataclasses.replace(rollout, dynamic_sampling=True), ExplorerConfig(pool_path="x"),
                         schedule, engines[1], pool, tokenizer, GoldRuleScorer())
+
+
+def test_sample_metrics_split_by_source_and_count_distinct_answers_per_group():
+    def group(prompt_id, rows):  # rows: (source, reward, answer, length, finish_reason)
+        return Group(prompt_id, [1], "2", [Sample(prompt_id, [1], [7] * n, [0.0] * n, src, finish_reason=fin,
+                                                  reward=r, answer=a) for src, r, a, n, fin in rows])
+
+    groups = [group("a", [("explorer", 1.0, "2", 4, "stop"), ("explorer", 0.0, "3", 6, "length"),
+                          ("learner", 0.0, None, 8, "length"), ("learner", 0.0, None, 2, "stop")]),
+              group("b", [("learner", 1.0, "2", 3, "stop"), ("learner", 1.0, "2", 5, "stop")])]
+    stats = sample_metrics(groups)
+    assert stats["reward/explorer_mean"] == 0.5 and stats["success/learner_rate"] == 0.5
+    assert stats["response/mean_length"] == 28 / 6 and stats["response/learner_truncated_frac"] == 0.25
+    assert stats["groups/zero_variance_frac"] == 0.5
+    assert stats["groups/unique_answer_ratio"] == (3 / 4 + 1 / 2) / 2  # "2", "3", no answer; "2"

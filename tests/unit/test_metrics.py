@@ -84,7 +84,8 @@ def test_compare_runs_step_time_over_the_mixing_phase(tmp_path):
 def test_plots_draw_every_held_out_set_and_skip_panels_without_data(tmp_path):
     from tools.plot_run import plot_runs
 
-    for name, extra in (("s2l", {"eval/math500/accuracy": 0.6, "eval/aime25/accuracy": 0.1}), ("grpo", {})):
+    for name, extra in (("s2l", {"eval/math500/accuracy": 0.6, "eval/aime25/accuracy": 0.1}),
+                        ("grpo", {"groups/unique_answer_ratio": 0.25})):
         (tmp_path / name).mkdir()
         rows = [{"step": s, "eval/accuracy": 0.2 * s, "loss/kl": 1e-3 * s, "memory/host_peak_gib": 1.5, **extra}
                 for s in (1, 2)]
@@ -92,7 +93,8 @@ def test_plots_draw_every_held_out_set_and_skip_panels_without_data(tmp_path):
     written = plot_runs([tmp_path / "s2l", tmp_path / "grpo"], tmp_path / "plots")
     assert {path.name: labels for path, labels in written.items()} == {
         "accuracy.png": ["s2l held-out", "s2l aime25", "s2l math500", "grpo held-out"],
-        "kl.png": ["s2l", "grpo"], "memory.png": ["s2l host", "grpo host"]}
+        "kl.png": ["s2l", "grpo"], "memory.png": ["s2l host", "grpo host"],
+        "diversity.png": ["grpo rollout groups"]}
     assert all(path.stat().st_size > 1000 for path in written)  # real PNGs
 
 
