@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -213,3 +213,27 @@ def free_port() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: whether `flag` is set on any rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class StepFailed(RuntimeError):
+    """A step failed on some rank (an unreachable server, a broken reward pool...). Every rank raises it, so
+    that all of them save the last finished step and stop together instead of waiting in a collective."""
+
+
+def raise_on_every_rank(error: Optional[BaseException], what: str) -> None:
+    """Collective: if `error` happened on any rank, raise StepFailed on every rank (chained to the error on
+    the rank where it happened)."""
+    if not any_rank(error is not None):
+        return
+    if error is not None:
+        raise StepFailed(f"{what} failed: {type(error).__name__}: {error}") from error
+    raise StepFailed(f"{what} failed on another rank; the error is in that rank's output")

@@ -7,6 +7,7 @@ rollout ledger and periodic evaluation. Only global rank 0 builds these; the oth
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import math
@@ -52,8 +53,14 @@ class RolloutSide:
     dp_size: int
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
-        prompts = self.dataset.next_batch(self.cfg.rollout.prompts_per_step)
-        groups, metrics = self.collector.collect(prompts, step)
+        """This step's scored groups; a failed collection consumes no prompts or pool draws."""
+        before = copy.deepcopy(self.state_dict())
+        try:
+            prompts = self.dataset.next_batch(self.cfg.rollout.prompts_per_step)
+            groups, metrics = self.collector.collect(prompts, step)
+        except BaseException:
+            self.load_state_dict(before)
+            raise
         kept = groups[: len(groups) - len(groups) % self.groups_multiple]
         metrics["rollout/num_groups_trimmed"] = float(len(groups) - len(kept))
         metrics |= _weight_versions(kept)
@@ -212,7 +219,7 @@ def build_trainer(cfg: RunConfig, dims: platform.ParallelDims) -> Trainer:
     resume = checkpointer.resume_path()
     if resume is not None:
         state = checkpointer.load(resume, learner)
-        trainer.step = state["step"]
+        trainer.step = trainer.saved_step = state["step"]
         if rollout is not None:
             rollout.load_state_dict(state)
         weight_sync.sync(learner, version=str(trainer.step))  # the replica serves the resumed weights

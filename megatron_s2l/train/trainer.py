@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_s2l import platform
 from megatron_s2l.algo.advantages import advantages_for_groups
 from megatron_s2l.config import RunConfig
 from megatron_s2l.metrics import perf
@@ -43,7 +44,8 @@ class Trainer:
     metrics: MetricsLogger
     profiler: StepProfiler
     # state
-    step: int
+    step: int  # the last finished step
+    saved_step: int
     stop_requested: bool
 
     def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
@@ -51,12 +53,13 @@ class Trainer:
         self.weight_sync, self.checkpointer, self.metrics = weight_sync, checkpointer, metrics
         self.profiler = StepProfiler(cfg.logging, dist.get_rank() if dist.is_initialized() else 0)
         self.step = step
+        self.saved_step = step  # a resumed run's checkpoint holds it
         self.stop_requested = False
 
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
         exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
-        with _stop_on_sigterm(self):
+        with _stop_on_sigterm(self), self._save_on_failure():
             while self.step < self.cfg.steps and not self.stop_requested:
                 step = self.step + 1
                 self.profiler.step_begins(step)
@@ -72,16 +75,16 @@ class Trainer:
                         self.learner.compute_logprobs(plan, reference=True)
                 with timer("train"):
                     metrics |= self.learner.train_step(plan)
+                self.step = step  # the learner has finished step i: a checkpoint from here on saves it
                 with timer("sync"):
                     metrics |= self.weight_sync.sync(self.learner, version=str(step))
-                self.step = step
                 with timer("eval"):
                     metrics |= self.evaluate(step)
                 metrics |= timer.metrics(num_tokens, flops, self.learner.device)
                 metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
                 self.profiler.step_ends(step)
-                self.stop_requested = _any_rank(self.stop_requested) or step == exit_at  # ranks stop together
+                self.stop_requested = platform.any_rank(self.stop_requested) or step == exit_at  # stop together
                 every = self.cfg.checkpoint.every_steps
                 if self.stop_requested or step == self.cfg.steps or (every and step % every == 0):
                     self.save()
@@ -90,24 +93,49 @@ class Trainer:
         """Driver: prompts -> groups (G_w explorer + G_s learner) -> rewards -> advantages -> batch;
         every rank: the broadcast batch."""
         metrics: dict[str, float] = {}
-        batch = TrainBatch.placeholder()
+        batch, error = TrainBatch.placeholder(), None
         if self.rollout is not None:
-            groups, metrics = self.rollout.collect(step)
-            advantages, adv_metrics = advantages_for_groups(
-                groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std, self.cfg.algorithm.adv_eps)
-            batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
-            metrics |= adv_metrics | self.rollout.ledger.record(groups)
+            try:
+                groups, metrics = self.rollout.collect(step)
+                advantages, adv_metrics = advantages_for_groups(groups, self.cfg.algorithm.group_mode,
+                                                                self.cfg.algorithm.norm_adv_by_std,
+                                                                self.cfg.algorithm.adv_eps)
+                batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
+                metrics |= adv_metrics | self.rollout.ledger.record(groups)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it (see _save_on_failure)
+                error = exc
+        platform.raise_on_every_rank(error, f"step {step}: collecting rollouts")
         return batch.broadcast(src=0, device=self.learner.device), metrics  # NCCL on GPU: the batch is large
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if self.rollout is None or not self.rollout.eval_due(step, self.cfg.steps):
-            return {}
-        return self.rollout.evaluate()
+        metrics, error = {}, None
+        if self.rollout is not None and self.rollout.eval_due(step, self.cfg.steps):
+            try:
+                metrics = self.rollout.evaluate()
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        platform.raise_on_every_rank(error, f"step {step}: evaluation")
+        return metrics
 
     def save(self) -> None:
         state = self.rollout.state_dict() if self.rollout is not None else {}
         state = _broadcast_object(state)
         self.checkpointer.save(self.step, self.learner, state)
+        self.saved_step = self.step
+
+    @contextlib.contextmanager
+    def _save_on_failure(self):
+        """A failed step (server gone, reward pool broken...) loses no finished step: every rank hears of the
+        failure, saves the last finished step unless it is saved already, and stops. The failed step's
+        prompts and pool draws are not consumed, so a resume repeats it."""
+        try:
+            yield
+        except platform.StepFailed as failure:
+            if self.step > self.saved_step:
+                logger.error("%s; saving step %d, the last finished one, before stopping (resume with "
+                             "checkpoint.resume=auto)", failure, self.step)
+                self.save()
+            raise
 
     def close(self) -> None:
         self.profiler.close()
@@ -153,14 +181,6 @@ def _stop_on_sigterm(trainer: Trainer):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _broadcast_object(obj):

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron_s2l import platform
 from megatron_s2l.model import checkpoint_io, convert
 from megatron_s2l.rollout.engine import RolloutEngine
 
@@ -85,13 +85,15 @@ class WeightSync:
         start = time.perf_counter()
         stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype),
                           digest=self.verify and self.engine is not None)
-        if self.engine is None:
-            for _ in stream:  # take part in the gathers; the driver sends
-                pass
-        else:
-            self.loop.run_until_complete(self._send(stream, version))
-        if dist.is_initialized():
-            dist.barrier()
+        error = None
+        if self.engine is not None:
+            try:
+                self.loop.run_until_complete(self._send(stream, version))
+            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+                error = exc
+        for _ in stream:  # take part in the gathers (the driver: those its failed send left)
+            pass
+        platform.raise_on_every_rank(error, f"weight sync of version {version} to the learner replica")
         seconds = time.perf_counter() - start
         gigabytes = stream.num_bytes / 1e9
         return {"sync/seconds": seconds, "sync/gigabytes": gigabytes,

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
-from tests.utils import TINY_CONFIG, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, read_rows, run_process, run_s2l, toy_overrides, torchrun_prefix
 from tests.utils import free_port, make_tiny_model
+
+# `s2l train` with one failure injected on the driver: the rollout engine "goes away" in a phase of one step
+INJECT = """
+import sys
+from megatron_s2l.rollout.collector import RolloutCollector
+from megatron_s2l.rollout.local import LocalEngine
+
+PHASE, STEP = {phase!r}, {step}
+collect, update_weights = RolloutCollector.collect, LocalEngine.update_weights
+
+
+def failing_collect(self, prompts, step):
+    groups = collect(self, prompts, step)  # this step's prompts and pool draws are taken first
+    if PHASE == "rollout" and step == STEP:
+        raise ConnectionError("injected: the learner replica went away")
+    return groups
+
+
+async def failing_update(self, tensors, version):
+    if PHASE == "sync" and version == str(STEP):
+        for _, (name, tensor) in zip(range(3), tensors):  # a few tensors arrive, then the link breaks
+            pass
+        raise ConnectionError("injected: the learner replica went away")
+    await update_weights(self, tensors, version)
+
+
+if __name__ == "__main__":  # checkpoint saving spawns a process that imports this file again
+    RolloutCollector.collect, LocalEngine.update_weights = failing_collect, failing_update
+    from megatron_s2l.cli import main
+    sys.exit(main())
+"""
 
 
 def _fail(world, tmp_path, *extra) -> str:
@@ -33,3 +67,40 @@ def test_pool_tokenizer_mismatch(toy_world, tmp_path):
 def test_bad_config_key(toy_world, tmp_path):
     out = _fail(toy_world, tmp_path, "rollout.gruop_size=8")
     assert "rollout.gruop_size (did you mean rollout.group_size?)" in out
+
+
+def _train_until_the_engine_fails(world, tmp_path, phase: str, step: int, nproc: int) -> tuple[str, dict]:
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(phase=phase, step=step))
+    prefix = torchrun_prefix(nproc) if nproc > 1 else [sys.executable]
+    args = ["train", "--config", str(TINY_CONFIG), *toy_overrides(world, **{"parallel.tp": nproc}),
+            f"logging.run_dir={tmp_path / 'run'}", "checkpoint.every_steps=0", "eval.every_steps=0"]
+    result = run_process([*prefix, str(script), *args], f"s2l train failing in {phase}", 600, check=False)
+    assert result.returncode != 0 and "injected: the learner replica went away" in result.stdout, result.stdout
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints, result.stdout[-5000:]
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert [c.name for c in checkpoints] == [f"step_{state['step']:06d}"]  # only the failure saved one
+    return result.stdout, state
+
+
+@pytest.mark.slow
+def test_a_failed_rollout_saves_the_finished_steps_and_consumes_nothing(toy_world, tmp_path):
+    out, state = _train_until_the_engine_fails(toy_world, tmp_path, "rollout", step=2, nproc=1)
+    assert "saving step 1, the last finished one" in out and state["step"] == 1
+    assert [r["step"] for r in read_rows(tmp_path / "run")] == [1]
+    # step 2 took 4 prompts and their pool draws before it failed; the checkpoint does not count them, so
+    # a resume repeats step 2 (4 prompts per step, G_w = 4 explorer samples each in step 1)
+    assert state["dataset"]["position"] == 4
+    assert sorted(cursor[:3] for cursor in state["pool"]["cursor"].values()) == [[0, 4, 1]] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_failed_weight_sync_stops_every_rank_with_the_trained_step_saved(toy_world, tmp_path):
+    out, state = _train_until_the_engine_fails(toy_world, tmp_path, "sync", step=2, nproc=2)
+    # the driver kept up its part of the TP gathers after the send failed, so rank 1 did not hang; both
+    # ranks stopped together and saved step 2, whose update had finished
+    assert "saving step 2, the last finished one" in out and state["step"] == 2
+    assert "failed on another rank" in out  # rank 1's message
+    assert state["dataset"]["position"] == 8
