@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Protocol
@@ -52,13 +53,23 @@ class ConsoleSink:
 
 
 class WandbSink:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict):
+    """A resumed training run continues its wandb run (the id is kept in <run_dir>/wandb_run_id); a fresh
+    one starts a new wandb run."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, resuming: bool):
         try:
             import wandb
         except ImportError as err:
             raise ImportError("logging.wandb=true needs wandb: pip install 'megatron-s2l[logging]'") from err
+        id_file = run_dir / "wandb_run_id"
+        if resuming and id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)  # wandb ids are short lowercase alphanumerics
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
         self._run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(run_dir), config=config,
-                               name=run_dir.name, resume="allow")
+                               name=run_dir.name, id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
@@ -104,13 +115,14 @@ class NullLogger(MetricsLogger):
         super().__init__([])
 
 
-def build_metrics_logger(cfg: LoggingConfig, total_steps: int, config: dict, is_driver: bool) -> MetricsLogger:
+def build_metrics_logger(cfg: LoggingConfig, total_steps: int, config: dict, is_driver: bool,
+                         resuming: bool = False) -> MetricsLogger:
     if not is_driver:
         return NullLogger()
     run_dir = Path(cfg.run_dir)
     sinks: list[MetricSink] = [ConsoleSink(total_steps), JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.wandb:
-        sinks.append(WandbSink(cfg, run_dir, config))
+        sinks.append(WandbSink(cfg, run_dir, config, resuming))
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir))
     return MetricsLogger(sinks)

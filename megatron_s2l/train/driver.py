@@ -214,9 +214,10 @@ def build_trainer(cfg: RunConfig, dims: platform.ParallelDims) -> Trainer:
                              verify=cfg.rollout.verify_weight_sync)
     checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or run_dir / "checkpoints", hf_config,
                                 cfg.model.path)
-    metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0())
-    trainer = Trainer(cfg, learner, rollout, weight_sync, checkpointer, metrics)
     resume = checkpointer.resume_path()
+    metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0(),
+                                   resuming=resume is not None)
+    trainer = Trainer(cfg, learner, rollout, weight_sync, checkpointer, metrics)
     if resume is not None:
         state = checkpointer.load(resume, learner)
         trainer.step = trainer.saved_step = state["step"]

@@ -60,6 +60,17 @@ def test_wandb_sink_offline(tmp_path, monkeypatch):
     metrics.close()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the offline run file, ready for `wandb sync`
+    first_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(f"-{first_id}")
+
+    def run_id_after(resuming: bool) -> str:
+        metrics = build_metrics_logger(cfg, total_steps=2, config={"steps": 2}, is_driver=True, resuming=resuming)
+        metrics.log(2, {"reward/learner_mean": 0.75})
+        metrics.close()
+        return metrics.sinks[-1]._run.id
+
+    assert run_id_after(resuming=True) == first_id  # a resumed training run continues its wandb run
+    assert run_id_after(resuming=False) != first_id  # a fresh one starts another
 
 
 def test_compare_runs_step_time_over_the_mixing_phase(tmp_path):
