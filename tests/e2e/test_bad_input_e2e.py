@@ -1,4 +1,5 @@
-"""Bad input stops `s2l train` with a message that names the problem and the fix, and loses nothing."""
+"""Bad input, or a server that goes away, stops `s2l train` with a message that names the problem and the
+fix, and loses nothing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.utils import TINY_CONFIG, read_rows, run_process, run_s2l, toy_overrides, torchrun_prefix
-from tests.utils import free_port, make_tiny_model
+from tests.utils import (TINY_CONFIG, free_port, make_tiny_model, read_rows, run_process, run_s2l, toy_overrides,
+                         torchrun_prefix)
 
 # `s2l train` with one failure injected on the driver: the rollout engine "goes away" in a phase of one step
 INJECT = """
