@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -215,13 +215,18 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Collective: each value's largest over all ranks (a small CPU tensor: gloo, also beside NCCL)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """Collective: whether `flag` is set on any rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_over_ranks([float(flag)])[0])
 
 
 class StepFailed(RuntimeError):
@@ -229,9 +234,15 @@ class StepFailed(RuntimeError):
     that all of them save the last finished step and stop together instead of waiting in a collective."""
 
 
-def raise_on_every_rank(error: Optional[BaseException], what: str) -> None:
-    """Collective: if `error` happened on any rank, raise StepFailed on every rank (chained to the error on
-    the rank where it happened)."""
+@contextlib.contextmanager
+def fail_together(what: str) -> Iterator[None]:
+    """Collective, at the end of the block: if it raised on any rank, raise StepFailed on every rank
+    (chained to the error on the rank where it happened)."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+        error = exc
     if not any_rank(error is not None):
         return
     if error is not None:

@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_s2l import platform
 from megatron_s2l.model.specs import ModelArgs
 from megatron_s2l.train.batch import TrainBatch
 
@@ -69,12 +70,10 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         device_peak = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    peaks = torch.tensor([host, device_peak], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # a CPU tensor: the gloo half of the process group
-    metrics = {"memory/host_peak_gib": peaks[0].item()}
+    host, device_peak = platform.max_over_ranks([host, device_peak])
+    metrics = {"memory/host_peak_gib": host}
     if device.type == "cuda":
-        metrics["memory/device_peak_gib"] = peaks[1].item()
+        metrics["memory/device_peak_gib"] = device_peak
     return metrics
 
 

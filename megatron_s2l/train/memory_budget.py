@@ -11,8 +11,8 @@ import dataclasses
 import logging
 
 import torch
-import torch.distributed as dist
 
+from megatron_s2l import platform
 from megatron_s2l.model import convert
 
 logger = logging.getLogger(__name__)
@@ -52,18 +52,15 @@ def learner_memory_budget(learner) -> MemoryBudget:
         from megatron.core import parallel_state
 
         optimizer_bytes /= parallel_state.get_data_parallel_world_size()
-    parts = torch.tensor([local_params * weight_bytes, local_params * GRAD_BYTES, local_params * optimizer_bytes,
-                          local_params * weight_bytes if learner.ref_model is not None else 0.0],
-                         dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(parts, op=dist.ReduceOp.MAX)
-    return MemoryBudget(*parts.tolist())
+    return MemoryBudget(*platform.max_over_ranks([
+        local_params * weight_bytes, local_params * GRAD_BYTES, local_params * optimizer_bytes,
+        local_params * weight_bytes if learner.ref_model is not None else 0.0]))
 
 
 def report_memory_budget(learner) -> MemoryBudget:
     """Log the budget; warn when it leaves little of the GPU for activations (every rank must call it)."""
     budget = learner_memory_budget(learner)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not platform.is_rank0():
         return budget
     logger.info("learner memory per GPU before activations: %s", budget.describe())
     device = learner.device

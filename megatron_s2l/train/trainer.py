@@ -93,29 +93,22 @@ class Trainer:
         """Driver: prompts -> groups (G_w explorer + G_s learner) -> rewards -> advantages -> batch;
         every rank: the broadcast batch."""
         metrics: dict[str, float] = {}
-        batch, error = TrainBatch.placeholder(), None
-        if self.rollout is not None:
-            try:
+        batch = TrainBatch.placeholder()
+        with platform.fail_together(f"step {step}: collecting rollouts"):  # see _save_on_failure
+            if self.rollout is not None:
                 groups, metrics = self.rollout.collect(step)
-                advantages, adv_metrics = advantages_for_groups(groups, self.cfg.algorithm.group_mode,
-                                                                self.cfg.algorithm.norm_adv_by_std,
-                                                                self.cfg.algorithm.adv_eps)
+                advantages, adv_metrics = advantages_for_groups(
+                    groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std,
+                    self.cfg.algorithm.adv_eps)
                 batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
                 metrics |= adv_metrics | self.rollout.ledger.record(groups)
-            except Exception as exc:  # noqa: BLE001 - every rank must hear of it (see _save_on_failure)
-                error = exc
-        platform.raise_on_every_rank(error, f"step {step}: collecting rollouts")
         return batch.broadcast(src=0, device=self.learner.device), metrics  # NCCL on GPU: the batch is large
 
     def evaluate(self, step: int) -> dict[str, float]:
-        metrics, error = {}, None
-        if self.rollout is not None and self.rollout.eval_due(step, self.cfg.steps):
-            try:
-                metrics = self.rollout.evaluate()
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        platform.raise_on_every_rank(error, f"step {step}: evaluation")
-        return metrics
+        with platform.fail_together(f"step {step}: evaluation"):
+            if self.rollout is not None and self.rollout.eval_due(step, self.cfg.steps):
+                return self.rollout.evaluate()
+        return {}
 
     def save(self) -> None:
         state = self.rollout.state_dict() if self.rollout is not None else {}

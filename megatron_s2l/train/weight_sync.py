@@ -85,15 +85,13 @@ class WeightSync:
         start = time.perf_counter()
         stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype),
                           digest=self.verify and self.engine is not None)
-        error = None
-        if self.engine is not None:
+        with platform.fail_together(f"weight sync of version {version} to the learner replica"):
             try:
-                self.loop.run_until_complete(self._send(stream, version))
-            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
-                error = exc
-        for _ in stream:  # take part in the gathers (the driver: those its failed send left)
-            pass
-        platform.raise_on_every_rank(error, f"weight sync of version {version} to the learner replica")
+                if self.engine is not None:
+                    self.loop.run_until_complete(self._send(stream, version))
+            finally:
+                for _ in stream:  # take part in the gathers (the driver: those a failed send left)
+                    pass
         seconds = time.perf_counter() - start
         gigabytes = stream.num_bytes / 1e9
         return {"sync/seconds": seconds, "sync/gigabytes": gigabytes,
