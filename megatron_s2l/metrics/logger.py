@@ -66,7 +66,6 @@ class WandbSink:
             run_id = id_file.read_text().strip()
         else:
             run_id = secrets.token_hex(4)  # wandb ids are short lowercase alphanumerics
-            run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
         self._run = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(run_dir), config=config,
                                name=run_dir.name, id=run_id, resume="allow")

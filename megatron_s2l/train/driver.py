@@ -7,7 +7,6 @@ rollout ledger and periodic evaluation. Only global rank 0 builds these; the oth
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import math
@@ -54,7 +53,7 @@ class RolloutSide:
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """This step's scored groups; a failed collection consumes no prompts or pool draws."""
-        before = copy.deepcopy(self.state_dict())
+        before = self.state_dict()  # a fresh copy, as for checkpoints
         try:
             prompts = self.dataset.next_batch(self.cfg.rollout.prompts_per_step)
             groups, metrics = self.collector.collect(prompts, step)
