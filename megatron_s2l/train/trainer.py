@@ -76,10 +76,11 @@ class Trainer:
                 with timer("train"):
                     metrics |= self.learner.train_step(plan)
                 self.step = step  # the learner has finished step i: a checkpoint from here on saves it
-                with timer("sync"):
-                    metrics |= self.weight_sync.sync(self.learner, version=str(step))
-                with timer("eval"):
-                    metrics |= self.evaluate(step)
+                with self._log_on_failure(step, metrics):
+                    with timer("sync"):
+                        metrics |= self.weight_sync.sync(self.learner, version=str(step))
+                    with timer("eval"):
+                        metrics |= self.evaluate(step)
                 metrics |= timer.metrics(num_tokens, flops, self.learner.device)
                 metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
@@ -128,6 +129,15 @@ class Trainer:
                 logger.error("%s; saving step %d, the last finished one, before stopping (resume with "
                              "checkpoint.resume=auto)", failure, self.step)
                 self.save()
+            raise
+
+    @contextlib.contextmanager
+    def _log_on_failure(self, step: int, metrics: dict[str, float]):
+        """A step that trained but then failed (sync, eval) still writes its row: rollout and update metrics."""
+        try:
+            yield
+        except platform.StepFailed:
+            self.metrics.log(step, metrics | {"step/failed": 1.0})
             raise
 
     def close(self) -> None:

@@ -105,3 +105,6 @@ def test_a_failed_weight_sync_stops_every_rank_with_the_trained_step_saved(toy_w
     assert "saving step 2, the last finished one" in out and state["step"] == 2
     assert "failed on another rank" in out  # rank 1's message
     assert state["dataset"]["position"] == 8
+    rows = read_rows(tmp_path / "run")  # step 2's row is written: it trained, then its sync failed
+    assert [r["step"] for r in rows] == [1, 2] and "step/failed" not in rows[0]
+    assert rows[1]["step/failed"] == 1.0 and "loss/kl" in rows[1] and "reward/learner_mean" in rows[1]
