@@ -82,11 +82,21 @@ class ParallelConfig:
     --recompute-num-layers 1: keep only each layer's input and rerun the layer in the backward. Activation
     memory falls to one layer's worth plus the inputs (long responses, large micro_batch_tokens) for about
     a third more compute in the update. Same results."""
+    distributed_timeout_minutes: float = 10.0
+    """A learner collective (NCCL/gloo) that waits longer fails: a hung or lost rank is reported after this
+    long (Megatron-LM's --distributed-timeout-minutes)."""
+    driver_wait_minutes: float = 240.0
+    """How long the other ranks wait for the driver's rollout collection, evaluation or weight sync (a
+    process group of its own): more than the slowest of those phases, which for long responses far exceeds
+    the collective timeout. A hung server is caught sooner by rollout.request_timeout_s."""
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size"):
             value = getattr(self, name)
             _check(value >= 1, f"parallel.{name}", value, "use an integer >= 1")
+        for name in ("distributed_timeout_minutes", "driver_wait_minutes"):
+            value = getattr(self, name)
+            _check(value > 0, f"parallel.{name}", value, "use a positive number of minutes")
         _check(self.micro_batch_tokens >= 0, "parallel.micro_batch_tokens", self.micro_batch_tokens,
                "use 0 (micro_batch_size sequences per micro-batch) or a token budget such as 16384")
         _check(self.length_grouping or not self.micro_batch_tokens, "parallel.micro_batch_tokens",
@@ -149,8 +159,10 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal and over-sample to refill the batch (DAPO)."""
     max_oversample_rounds: int = 3
     """Upper bound on extra collection rounds when dynamic sampling drops groups."""
-    request_timeout_s: float = 600.0
-    """HTTP timeout for one generate request."""
+    request_timeout_s: float = 3600.0
+    """HTTP timeout for one generate request. All of a step's requests are sent at once and wait in the
+    servers' queues, so this must cover the whole rollout phase (tens of minutes for 1024 prompts x 16
+    samples x 4k tokens), not one generation."""
 
     def validate(self) -> None:
         _check(self.group_size >= 1, "rollout.group_size", self.group_size, "use G >= 1 (paper: 16)")

@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -152,13 +152,21 @@ class ParallelDims:
         return self.tp * self.pp * self.dp
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> ParallelDims:
+# The other ranks wait here while the driver collects rollouts, evaluates or syncs weights (fail_together),
+# which can take far longer than any learner collective should: a gloo group with a timeout of its own.
+_DRIVER_WAIT_GROUP: Optional[dist.ProcessGroup] = None
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 10,
+                     driver_wait_minutes: float = 240) -> ParallelDims:
     """Start torch.distributed (nccl for CUDA tensors plus gloo for CPU ones on GPU; gloo on CPU) and
     megatron-core's parallel state.
 
     Works under torchrun (reads RANK/WORLD_SIZE/MASTER_*) and as a plain single process (world 1,
-    a free local port). DP is whatever is left: world // (tp * pp).
+    a free local port). DP is whatever is left: world // (tp * pp). A collective that waits longer than
+    `timeout_minutes` fails (a hung rank); waiting for the driver may take `driver_wait_minutes`.
     """
+    global _DRIVER_WAIT_GROUP
     apply_cpu_adapter()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -176,7 +184,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
             torch.set_num_threads(1)  # ranks share the CPU cores
             backend = "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if _DRIVER_WAIT_GROUP is None:
+        _DRIVER_WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=driver_wait_minutes))
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
         raise ValueError(
@@ -194,7 +204,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int 
 
 def destroy_distributed() -> None:
     """Tear down megatron-core parallel state and the process group."""
+    global _DRIVER_WAIT_GROUP
     from megatron.core import parallel_state
+
+    _DRIVER_WAIT_GROUP = None
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -215,18 +228,18 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def max_over_ranks(values: list[float]) -> list[float]:
+def max_over_ranks(values: list[float], group: Optional[dist.ProcessGroup] = None) -> list[float]:
     """Collective: each value's largest over all ranks (a small CPU tensor: gloo, also beside NCCL)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor.tolist()
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
     """Collective: whether `flag` is set on any rank."""
-    return bool(max_over_ranks([float(flag)])[0])
+    return bool(max_over_ranks([float(flag)], group)[0])
 
 
 class StepFailed(RuntimeError):
@@ -237,13 +250,14 @@ class StepFailed(RuntimeError):
 @contextlib.contextmanager
 def fail_together(what: str) -> Iterator[None]:
     """Collective, at the end of the block: if it raised on any rank, raise StepFailed on every rank
-    (chained to the error on the rank where it happened)."""
+    (chained to the error on the rank where it happened). Ranks may wait here for the driver as long as
+    init_distributed's `driver_wait_minutes`."""
     error = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
         error = exc
-    if not any_rank(error is not None):
+    if not any_rank(error is not None, _DRIVER_WAIT_GROUP):
         return
     if error is not None:
         raise StepFailed(f"{what} failed: {type(error).__name__}: {error}") from error

@@ -349,7 +349,7 @@ class SGLangEngine:
     update_mode: str  # "disk" | "tensor" | "distributed"
     bucket_bytes: int
     pause_mode: str  # what /pause_generation does with in-flight requests
-    request_timeout_s: float  # one /generate request
+    request_timeout_s: float  # one /generate request, queueing behind the others included
     update_timeout_s: float  # one weight-update request
     control_timeout_s: float  # everything else
     master_address: str  # how the servers reach this process (distributed mode)
@@ -362,7 +362,7 @@ class SGLangEngine:
 
     def __init__(self, url: str, *, worker_urls: Optional[list[str]] = None, update_mode: str = "tensor",
                  bucket_mb: float = 512, api_key: str = "", pause_mode: str = "abort",
-                 request_timeout_s: float = 600.0, update_timeout_s: float = 600.0,
+                 request_timeout_s: float = 3600.0, update_timeout_s: float = 600.0,
                  control_timeout_s: float = 60.0, connect_timeout_s: float = 10.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_concurrent_requests: int = 1024,
                  master_address: str = "127.0.0.1", group_backend: Optional[str] = None, name: str = ""):

@@ -234,7 +234,9 @@ def _engine_dtype(cfg: RunConfig) -> torch.dtype:
 
 def run_training(cfg: RunConfig) -> int:
     """`s2l train`: set up the process group, train, and always tear down."""
-    dims = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+    dims = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed,
+                                     timeout_minutes=cfg.parallel.distributed_timeout_minutes,
+                                     driver_wait_minutes=cfg.parallel.driver_wait_minutes)
     Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
     if platform.is_rank0():
         (Path(cfg.logging.run_dir) / "config.yaml").write_text(to_yaml(cfg))

@@ -62,6 +62,7 @@ def test_defaults_follow_the_paper():
     (VALID, ["model.fp8.recipe=delayed", "model.dtype=float32"], "model.fp8="),
     (VALID, ["model.fp8.recipe=mxfp4"], "model.fp8.recipe='mxfp4' is not one of"),
     (VALID, ["parallel.tp=0"], "parallel.tp=0"),
+    (VALID, ["parallel.driver_wait_minutes=0"], "parallel.driver_wait_minutes=0.0"),
     (VALID, ["rollout=3"], "rollout must be a mapping"),
     ("- just\n- a list\n", [], "top level must be a mapping"),
     (VALID, ["no_equals_sign"], "must look like key.sub=value"),
