@@ -54,7 +54,9 @@ case "$what" in
     port="$1"; shift
     [[ $# -ge 1 ]] || usage
     echo "[launch_sglang] $PY -m sglang_router.launch_router --port $port --worker-urls $*" >&2
-    exec "$PY" -m sglang_router.launch_router --host "${SGLANG_HOST:-0.0.0.0}" --port "$port" --worker-urls "$@"
+    # a generate request may queue behind a whole rollout step (the router's default cuts it at 1800 s)
+    exec "$PY" -m sglang_router.launch_router --host "${SGLANG_HOST:-0.0.0.0}" --port "$port" \
+      --request-timeout-secs "${REQUEST_TIMEOUT_S:-3600}" --worker-urls "$@"
     ;;
   *) usage ;;
 esac

@@ -47,6 +47,7 @@ fi
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
+: "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
 : "${ROLLOUT_WAIT_MINUTES:=720}"  # ROLE=train: how long to wait for the rollout side (its first run
                                   # builds the explorer pool before serving)
 : "${RUN_DIR:=runs/$(basename "${CONFIG%.yaml}")}"
@@ -198,7 +199,8 @@ start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (
   if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ "${#REPLICA_URLS[@]}" -gt 1 ]; then  # also the other nodes' servers
     spawn router "http://127.0.0.1:$ROUTER_PORT/readiness" "$SGLANG_PYTHON" -m sglang_router.launch_router \
       --host 0.0.0.0 --port "$ROUTER_PORT" --policy round_robin --worker-urls "${REPLICA_URLS[@]}" \
-      --worker-startup-timeout-secs $((STARTUP_MINUTES * 60)) $ROUTER_EXTRA_ARGS
+      --worker-startup-timeout-secs $((STARTUP_MINUTES * 60)) --request-timeout-secs "$REQUEST_TIMEOUT_S" \
+      $ROUTER_EXTRA_ARGS
   fi
   wait_started
 }
@@ -209,7 +211,8 @@ launch() {
     "parallel.micro_batch_size=$MICRO_BATCH_SIZE" "parallel.micro_batch_tokens=$MICRO_BATCH_TOKENS"
     "parallel.recompute=$RECOMPUTE"
     "rollout.engine=sglang" "rollout.weight_sync=$WEIGHT_SYNC"
-    "rollout.learner_url=$LEARNER_URL" "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
+    "rollout.learner_url=$LEARNER_URL" "rollout.request_timeout_s=$REQUEST_TIMEOUT_S"
+    "checkpoint.dir=$CKPT_DIR" "checkpoint.resume=auto"
     "logging.run_dir=$RUN_DIR" "logging.wandb=$WANDB" "logging.wandb_mode=$WANDB_MODE"
   )
   if [ "${#REPLICA_URLS[@]}" -gt 1 ]; then

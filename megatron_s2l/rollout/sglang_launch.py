@@ -196,14 +196,16 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
 def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, policy: str = "round_robin",
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 120.0,
-                  max_lifetime_s: Optional[float] = None) -> ServerHandle:
-    """Start sglang-router in front of running workers and wait until it reports them all healthy."""
+                  request_timeout_s: float = 3600.0, max_lifetime_s: Optional[float] = None) -> ServerHandle:
+    """Start sglang-router in front of running workers and wait until it reports them all healthy.
+    `request_timeout_s` should match the trainer's rollout.request_timeout_s (the router's own default is
+    1800 s, shorter than a long rollout step's queue)."""
     from megatron_s2l.platform import free_port
 
     port = port or free_port()
     cmd = [_require_python(python), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
            "--port", str(port), "--policy", policy, "--prometheus-port", str(free_port()),
-           "--worker-urls", *worker_urls, *extra_args]
+           "--request-timeout-secs", str(int(request_timeout_s)), "--worker-urls", *worker_urls, *extra_args]
     handle = _start(cmd, port, "router", {}, log_dir, max_lifetime_s, ready_path="/readiness",
                     startup_timeout_s=startup_timeout_s)
     wait_ready(handle)

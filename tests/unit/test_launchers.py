@@ -77,6 +77,7 @@ def test_dry_run_commands_are_consistent(script, learner):
     router = next(c for c in commands if "sglang_router.launch_router" in c)
     assert _flag(router, "--port") == "31234"
     assert _worker_urls(router) == cfg.rollout.learner_worker_urls
+    assert float(_flag(router, "--request-timeout-secs")) == cfg.rollout.request_timeout_s  # both wait as long
     if cfg.explorer.mode == "pool":  # no manifest at POOL: the pool is built first from an explorer server
         build = next(c for c in commands if "pool" in c and "build" in c)
         explorer, = _servers(commands, cfg.explorer.model_path)
