@@ -247,18 +247,27 @@ class StepFailed(RuntimeError):
     that all of them save the last finished step and stop together instead of waiting in a collective."""
 
 
+class StepInterrupted(StepFailed):
+    """SIGTERM stopped a phase that only waits on servers (rollout collection, evaluation): a requested stop,
+    not an error. The resumed run redoes it."""
+
+
 @contextlib.contextmanager
 def fail_together(what: str) -> Iterator[None]:
-    """Collective, at the end of the block: if it raised on any rank, raise StepFailed on every rank
-    (chained to the error on the rank where it happened). Ranks may wait here for the driver as long as
-    init_distributed's `driver_wait_minutes`."""
+    """Collective, at the end of the block: if it raised on any rank, raise StepFailed (StepInterrupted if
+    it was only interrupted) on every rank, chained to the error on the rank where it happened. Ranks may
+    wait here for the driver as long as init_distributed's `driver_wait_minutes`."""
     error = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
         error = exc
-    if not any_rank(error is not None, _DRIVER_WAIT_GROUP):
+    # 0: fine, 1: interrupted, 2: failed (a failure anywhere outranks an interruption)
+    status = 0 if error is None else 1 if isinstance(error, StepInterrupted) else 2
+    status = max_over_ranks([status], _DRIVER_WAIT_GROUP)[0]
+    if status == 0:
         return
+    kind, outcome = (StepInterrupted, "interrupted") if status == 1 else (StepFailed, "failed")
     if error is not None:
-        raise StepFailed(f"{what} failed: {type(error).__name__}: {error}") from error
-    raise StepFailed(f"{what} failed on another rank; the error is in that rank's output")
+        raise kind(f"{what} {outcome}: {type(error).__name__}: {error}") from error
+    raise kind(f"{what} {outcome} on another rank; the reason is in that rank's output")

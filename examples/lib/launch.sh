@@ -48,6 +48,8 @@ fi
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
 : "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
+: "${SHUTDOWN_TIMEOUT_S:=600}"    # after a SIGTERM, how long torchrun lets the trainer finish and save before
+                                  # SIGKILL (torch releases that read TORCH_ELASTIC_SHUTDOWN_TIMEOUT; older: 30 s)
 : "${ROLLOUT_WAIT_MINUTES:=720}"  # ROLE=train: how long to wait for the rollout side (its first run
                                   # builds the explorer pool before serving)
 : "${RUN_DIR:=runs/$(basename "${CONFIG%.yaml}")}"
@@ -235,7 +237,8 @@ launch() {
     echo "+ waiting for the rollout side at $LEARNER_URL$LEARNER_READY"
     if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
-  run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
+  run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
+    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"
 }

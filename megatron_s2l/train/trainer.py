@@ -47,6 +47,7 @@ class Trainer:
     step: int  # the last finished step
     saved_step: int
     stop_requested: bool
+    interruptible: bool  # the driver only waits on servers now: SIGTERM stops that at once
 
     def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
@@ -54,7 +55,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.logging, dist.get_rank() if dist.is_initialized() else 0)
         self.step = step
         self.saved_step = step  # a resumed run's checkpoint holds it
-        self.stop_requested = False
+        self.stop_requested = self.interruptible = False
 
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
@@ -97,7 +98,8 @@ class Trainer:
         batch = TrainBatch.placeholder()
         with platform.fail_together(f"step {step}: collecting rollouts"):  # see _save_on_failure
             if self.rollout is not None:
-                groups, metrics = self.rollout.collect(step)
+                with self._interruptible():
+                    groups, metrics = self.rollout.collect(step)
                 advantages, adv_metrics = advantages_for_groups(
                     groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std,
                     self.cfg.algorithm.adv_eps)
@@ -108,7 +110,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         with platform.fail_together(f"step {step}: evaluation"):
             if self.rollout is not None and self.rollout.eval_due(step, self.cfg.steps):
-                return self.rollout.evaluate()
+                with self._interruptible():
+                    return self.rollout.evaluate()
         return {}
 
     def save(self) -> None:
@@ -118,26 +121,43 @@ class Trainer:
         self.saved_step = self.step
 
     @contextlib.contextmanager
+    def _interruptible(self):
+        """On the driver, around phases that only wait on servers: SIGTERM stops them at once (a rollout
+        step can take longer than the grace period before SIGKILL) instead of at the end of the step."""
+        self.interruptible = True
+        try:
+            if self.stop_requested:  # SIGTERM came just before
+                raise platform.StepInterrupted("SIGTERM")
+            yield
+        finally:
+            self.interruptible = False
+
+    @contextlib.contextmanager
     def _save_on_failure(self):
-        """A failed step (server gone, reward pool broken...) loses no finished step: every rank hears of the
-        failure, saves the last finished step unless it is saved already, and stops. The failed step's
-        prompts and pool draws are not consumed, so a resume repeats it."""
+        """A failed or interrupted step loses no finished step: every rank hears of it, saves the last
+        finished step unless it is saved already, and stops. The failed step's prompts and pool draws are not
+        consumed, so a resume repeats it. An interruption (SIGTERM) ends the run normally."""
         try:
             yield
         except platform.StepFailed as failure:
-            if self.step > self.saved_step:
-                logger.error("%s; saving step %d, the last finished one, before stopping (resume with "
-                             "checkpoint.resume=auto)", failure, self.step)
+            interrupted, unsaved = isinstance(failure, platform.StepInterrupted), self.step > self.saved_step
+            logger.log(logging.WARNING if interrupted else logging.ERROR, "%s; stopping after step %d, the last "
+                       "finished one (%s; resume with checkpoint.resume=auto)", failure, self.step,
+                       "saving it" if unsaved else "saved already")
+            if unsaved:
                 self.save()
-            raise
+            if not interrupted:
+                raise
 
     @contextlib.contextmanager
     def _log_on_failure(self, step: int, metrics: dict[str, float]):
-        """A step that trained but then failed (sync, eval) still writes its row: rollout and update metrics."""
+        """A step that trained but then failed or was interrupted (sync, eval) still writes its row: rollout
+        and update metrics."""
         try:
             yield
-        except platform.StepFailed:
-            self.metrics.log(step, metrics | {"step/failed": 1.0})
+        except platform.StepFailed as failure:
+            outcome = "interrupted" if isinstance(failure, platform.StepInterrupted) else "failed"
+            self.metrics.log(step, metrics | {f"step/{outcome}": 1.0})
             raise
 
     def close(self) -> None:
@@ -174,10 +194,15 @@ class _StepTimer:
 
 @contextlib.contextmanager
 def _stop_on_sigterm(trainer: Trainer):
-    """SIGTERM (preemption, scancel) finishes the current step, saves a checkpoint and exits."""
+    """SIGTERM (preemption, scancel, torchrun shutting down) stops the driver's rollout collection or
+    evaluation at once, and otherwise finishes the current step; then every rank saves and exits."""
     def request_stop(signum, frame):
-        logger.warning("SIGTERM: finishing step %d, then saving a checkpoint", trainer.step + 1)
         trainer.stop_requested = True
+        if trainer.interruptible:
+            trainer.interruptible = False  # a second SIGTERM (torchrun forwards one) must not interrupt the save
+            logger.warning("SIGTERM: stopping step %d's wait on the servers; a resume redoes it", trainer.step + 1)
+            raise platform.StepInterrupted("SIGTERM")
+        logger.warning("SIGTERM: stopping at the end of step %d, with a checkpoint", trainer.step + 1)
 
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:

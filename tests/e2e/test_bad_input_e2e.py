@@ -1,23 +1,30 @@
-"""Bad input, or a server that goes away, stops `s2l train` with a message that names the problem and the
-fix, and loses nothing."""
+"""Bad input, a server that goes away, or SIGTERM in a long rollout stops `s2l train` with a message that
+names the problem (and the fix), and loses nothing."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.utils import (TINY_CONFIG, free_port, make_tiny_model, read_rows, run_process, run_s2l, toy_overrides,
-                         torchrun_prefix)
+from tests.utils import (REPO, TINY_CONFIG, free_port, make_tiny_model, read_rows, run_process, run_s2l,
+                         subprocess_env, toy_overrides, torchrun_prefix)
 
-# `s2l train` with one failure injected on the driver: the rollout engine "goes away" in a phase of one step
+# `s2l train` with one failure injected on the driver: the rollout engine "goes away" in a phase of one step,
+# or (phase "slow rollout") takes minutes to answer
 INJECT = """
 import sys
+import time
+from pathlib import Path
 from megatron_s2l.rollout.collector import RolloutCollector
 from megatron_s2l.rollout.local import LocalEngine
 
-PHASE, STEP = {phase!r}, {step}
+PHASE, STEP, MARKER = {phase!r}, {step}, {marker!r}
 collect, update_weights = RolloutCollector.collect, LocalEngine.update_weights
 
 
@@ -25,6 +32,9 @@ def failing_collect(self, prompts, step):
     groups = collect(self, prompts, step)  # this step's prompts and pool draws are taken first
     if PHASE == "rollout" and step == STEP:
         raise ConnectionError("injected: the learner replica went away")
+    if PHASE == "slow rollout" and step == STEP:
+        Path(MARKER).touch()
+        time.sleep(300)
     return groups
 
 
@@ -72,7 +82,7 @@ def test_bad_config_key(toy_world, tmp_path):
 
 def _train_until_the_engine_fails(world, tmp_path, phase: str, step: int, nproc: int) -> tuple[str, dict]:
     script = tmp_path / "inject.py"
-    script.write_text(INJECT.format(phase=phase, step=step))
+    script.write_text(INJECT.format(phase=phase, step=step, marker=""))
     prefix = torchrun_prefix(nproc) if nproc > 1 else [sys.executable]
     args = ["train", "--config", str(TINY_CONFIG), *toy_overrides(world, **{"parallel.tp": nproc}),
             f"logging.run_dir={tmp_path / 'run'}", "checkpoint.every_steps=0", "eval.every_steps=0"]
@@ -88,7 +98,7 @@ def _train_until_the_engine_fails(world, tmp_path, phase: str, step: int, nproc:
 @pytest.mark.slow
 def test_a_failed_rollout_saves_the_finished_steps_and_consumes_nothing(toy_world, tmp_path):
     out, state = _train_until_the_engine_fails(toy_world, tmp_path, "rollout", step=2, nproc=1)
-    assert "saving step 1, the last finished one" in out and state["step"] == 1
+    assert "stopping after step 1, the last finished one (saving it" in out and state["step"] == 1
     assert [r["step"] for r in read_rows(tmp_path / "run")] == [1]
     # step 2 took 4 prompts and their pool draws before it failed; the checkpoint does not count them, so
     # a resume repeats step 2 (4 prompts per step, G_w = 4 explorer samples each in step 1)
@@ -102,9 +112,43 @@ def test_a_failed_weight_sync_stops_every_rank_with_the_trained_step_saved(toy_w
     out, state = _train_until_the_engine_fails(toy_world, tmp_path, "sync", step=2, nproc=2)
     # the driver kept up its part of the TP gathers after the send failed, so rank 1 did not hang; both
     # ranks stopped together and saved step 2, whose update had finished
-    assert "saving step 2, the last finished one" in out and state["step"] == 2
+    assert "stopping after step 2, the last finished one (saving it" in out and state["step"] == 2
     assert "failed on another rank" in out  # rank 1's message
     assert state["dataset"]["position"] == 8
     rows = read_rows(tmp_path / "run")  # step 2's row is written: it trained, then its sync failed
     assert [r["step"] for r in rows] == [1, 2] and "step/failed" not in rows[0]
     assert rows[1]["step/failed"] == 1.0 and "loss/kl" in rows[1] and "reward/learner_mean" in rows[1]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigterm_during_a_long_rollout_stops_at_once_and_saves_the_finished_step(toy_world, tmp_path):
+    """A rollout can outlast the grace period before SIGKILL (torchrun's shutdown timeout, Slurm's KillWait):
+    SIGTERM must not wait for it."""
+    marker, script = tmp_path / "step2_rollout_started", tmp_path / "inject.py"
+    script.write_text(INJECT.format(phase="slow rollout", step=2, marker=str(marker)))
+    args = ["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, **{"parallel.tp": 2}),
+            f"logging.run_dir={tmp_path / 'run'}", "checkpoint.every_steps=0", "eval.every_steps=0"]
+    # as the launchers: torchrun lets its workers finish saving before it kills them
+    env = {**subprocess_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
+    torchrun = subprocess.Popen([*torchrun_prefix(2), str(script), *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert time.monotonic() < deadline and torchrun.poll() is None, torchrun.stdout.read()
+            time.sleep(0.5)
+        signalled = time.monotonic()
+        torchrun.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+        out, _ = torchrun.communicate(timeout=200)
+    finally:
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+    assert time.monotonic() - signalled < 120, out[-3000:]  # not the 300 s the rollout would have taken
+    assert "SIGTERM: stopping step 2's wait on the servers" in out, out[-3000:]
+    assert "stopping after step 1, the last finished one (saving it" in out
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert [c.name for c in checkpoints] == ["step_000001"], out[-3000:]
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["dataset"]["position"] == 4  # step 2's prompts go back: the resumed run redoes step 2
+    assert [r["step"] for r in read_rows(tmp_path / "run")] == [1]
