@@ -47,7 +47,7 @@ class Trainer:
     step: int  # the last finished step
     saved_step: int
     stop_requested: bool
-    interruptible: bool  # the driver only waits on servers now: SIGTERM stops that at once
+    interruptible: Optional[str]  # the driver's phase now, if it only waits on servers: SIGTERM stops it at once
 
     def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
@@ -55,7 +55,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.logging, dist.get_rank() if dist.is_initialized() else 0)
         self.step = step
         self.saved_step = step  # a resumed run's checkpoint holds it
-        self.stop_requested = self.interruptible = False
+        self.stop_requested, self.interruptible = False, None
 
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
@@ -98,7 +98,7 @@ class Trainer:
         batch = TrainBatch.placeholder()
         with platform.fail_together(f"step {step}: collecting rollouts"):  # see _save_on_failure
             if self.rollout is not None:
-                with self._interruptible():
+                with self._interruptible(f"step {step}'s rollout collection (a resume redoes the step)"):
                     groups, metrics = self.rollout.collect(step)
                 advantages, adv_metrics = advantages_for_groups(
                     groups, self.cfg.algorithm.group_mode, self.cfg.algorithm.norm_adv_by_std,
@@ -110,7 +110,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         with platform.fail_together(f"step {step}: evaluation"):
             if self.rollout is not None and self.rollout.eval_due(step, self.cfg.steps):
-                with self._interruptible():
+                with self._interruptible(f"step {step}'s evaluation"):
                     return self.rollout.evaluate()
         return {}
 
@@ -121,16 +121,16 @@ class Trainer:
         self.saved_step = self.step
 
     @contextlib.contextmanager
-    def _interruptible(self):
+    def _interruptible(self, phase: str):
         """On the driver, around phases that only wait on servers: SIGTERM stops them at once (a rollout
         step can take longer than the grace period before SIGKILL) instead of at the end of the step."""
-        self.interruptible = True
+        self.interruptible = phase
         try:
             if self.stop_requested:  # SIGTERM came just before
                 raise platform.StepInterrupted("SIGTERM")
             yield
         finally:
-            self.interruptible = False
+            self.interruptible = None
 
     @contextlib.contextmanager
     def _save_on_failure(self):
@@ -199,8 +199,8 @@ def _stop_on_sigterm(trainer: Trainer):
     def request_stop(signum, frame):
         trainer.stop_requested = True
         if trainer.interruptible:
-            trainer.interruptible = False  # a second SIGTERM (torchrun forwards one) must not interrupt the save
-            logger.warning("SIGTERM: stopping step %d's wait on the servers; a resume redoes it", trainer.step + 1)
+            logger.warning("SIGTERM: stopping %s now", trainer.interruptible)
+            trainer.interruptible = None  # a second SIGTERM (torchrun forwards one) must not interrupt the save
             raise platform.StepInterrupted("SIGTERM")
         logger.warning("SIGTERM: stopping at the end of step %d, with a checkpoint", trainer.step + 1)
 

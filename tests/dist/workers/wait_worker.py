@@ -13,10 +13,16 @@ from pathlib import Path
 
 
 def main():
+    import megatron.core.parallel_state  # noqa: F401 - imported before the rendezvous, whose timeout is 3 s too
+    import megatron.core.tensor_parallel.random  # noqa: F401
+
     from megatron_s2l import platform
 
+    rank, out_dir, outcome = int(os.environ["RANK"]), Path(sys.argv[1]), {}
+    (out_dir / f"ready{rank}").touch()  # both ranks reach the rendezvous together, however slow the imports
+    while not all((out_dir / f"ready{r}").exists() for r in range(2)):
+        time.sleep(0.01)
     platform.init_distributed(timeout_minutes=3 / 60, driver_wait_minutes=1)
-    rank, outcome = int(os.environ["RANK"]), {}
     with platform.fail_together("the driver's slow phase"):
         if rank == 0:
             time.sleep(6)
@@ -28,7 +34,7 @@ def main():
         outcome["collective"] = "ok"
     except RuntimeError as error:
         outcome["collective"] = f"failed: {error}"
-    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(outcome))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(outcome))
     os._exit(0)  # the timed-out group cannot be torn down cleanly
 
 
