@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from megatron_s2l.config import ParallelConfig
+
 logger = logging.getLogger(__name__)
 
 # (module, attribute) pairs the CPU adapter replaces; checked by tests/unit/test_platform.py.
@@ -157,8 +159,9 @@ class ParallelDims:
 _DRIVER_WAIT_GROUP: Optional[dist.ProcessGroup] = None
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 10,
-                     driver_wait_minutes: float = 240) -> ParallelDims:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
+                     timeout_minutes: float = ParallelConfig.distributed_timeout_minutes,
+                     driver_wait_minutes: float = ParallelConfig.driver_wait_minutes) -> ParallelDims:
     """Start torch.distributed (nccl for CUDA tensors plus gloo for CPU ones on GPU; gloo on CPU) and
     megatron-core's parallel state.
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing  # registers the tensor reductions ForkingPickler uses
 
+from megatron_s2l.config import RolloutConfig
 from megatron_s2l.rollout.types import Generation, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ class SGLangEngine:
 
     def __init__(self, url: str, *, worker_urls: Optional[list[str]] = None, update_mode: str = "tensor",
                  bucket_mb: float = 512, api_key: str = "", pause_mode: str = "abort",
-                 request_timeout_s: float = 3600.0, update_timeout_s: float = 600.0,
+                 request_timeout_s: float = RolloutConfig.request_timeout_s, update_timeout_s: float = 600.0,
                  control_timeout_s: float = 60.0, connect_timeout_s: float = 10.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_concurrent_requests: int = 1024,
                  master_address: str = "127.0.0.1", group_backend: Optional[str] = None, name: str = ""):

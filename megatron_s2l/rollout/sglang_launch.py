@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import httpx
 import torch
 
+from megatron_s2l.config import RolloutConfig
+
 VENV_ENV = "S2L_SGLANG_VENV"
 DEFAULT_VENV = Path.home() / ".cache" / "megatron-s2l" / "sglang-0.5.23"
 SGL_KERNEL_STUB = Path(__file__).resolve().parents[2] / "tools" / "sglang_cpu" / "sgl_kernel_stub"
@@ -196,7 +198,8 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
 def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, policy: str = "round_robin",
                   extra_args: Sequence[str] = (), python: Optional[str | Path] = None,
                   log_dir: Optional[Path] = None, startup_timeout_s: float = 120.0,
-                  request_timeout_s: float = 3600.0, max_lifetime_s: Optional[float] = None) -> ServerHandle:
+                  request_timeout_s: float = RolloutConfig.request_timeout_s,
+                  max_lifetime_s: Optional[float] = None) -> ServerHandle:
     """Start sglang-router in front of running workers and wait until it reports them all healthy.
     `request_timeout_s` should match the trainer's rollout.request_timeout_s (the router's own default is
     1800 s, shorter than a long rollout step's queue)."""

@@ -216,14 +216,14 @@ def build_trainer(cfg: RunConfig, dims: platform.ParallelDims) -> Trainer:
     resume = checkpointer.resume_path()
     metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0(),
                                    resuming=resume is not None)
-    trainer = Trainer(cfg, learner, rollout, weight_sync, checkpointer, metrics)
+    step = 0
     if resume is not None:
         state = checkpointer.load(resume, learner)
-        trainer.step = trainer.saved_step = state["step"]
+        step = state["step"]
         if rollout is not None:
             rollout.load_state_dict(state)
-        weight_sync.sync(learner, version=str(trainer.step))  # the replica serves the resumed weights
-    return trainer
+        weight_sync.sync(learner, version=str(step))  # the replica serves the resumed weights
+    return Trainer(cfg, learner, rollout, weight_sync, checkpointer, metrics, step=step)
 
 
 def _engine_dtype(cfg: RunConfig) -> torch.dtype:
