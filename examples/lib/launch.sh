@@ -176,6 +176,42 @@ spawn_server() {  # spawn_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP (--sleep-
     --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" --sleep-on-idle $SGLANG_EXTRA_ARGS
 }
 
+run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM to this launcher goes on to the
+                  # trainer processes, and the launcher waits until they have saved and torchrun has exited.
+  # A foreground torchrun would not do: bash would exit at once, leaving torchrun orphaned (docker stop, kill)
+  # or killed with the rest of the Slurm step (which ends when its task, this launcher, exits). The signal goes
+  # to torchrun's children, not to torchrun: under Slurm torchrun has had one already, and a second cuts short
+  # its wait for them. A second SIGTERM to the launcher goes to torchrun too (it kills them after its timeout).
+  echo "+ $*"
+  if [ "$DRY_RUN" = 1 ]; then return; fi
+  "$@" &
+  TRAINING_PID=$! STOPS=0
+  trap stop_training TERM
+  while kill -0 "$TRAINING_PID" 2>/dev/null; do wait "$TRAINING_PID" || true; done
+  local status=0
+  wait "$TRAINING_PID" || status=$?
+  trap - TERM
+  if [ "$STOPS" -gt 0 ]; then
+    local latest
+    latest=$(ls -d "$CKPT_DIR"/step_* 2>/dev/null | tail -n 1) || true
+    echo "launcher: stopped (torchrun exit status $status); latest checkpoint: ${latest:-none} (the same command" \
+         "resumes from it)" >&2
+  fi
+  return "$status"
+}
+
+stop_training() {
+  STOPS=$((STOPS + 1))
+  if [ "$STOPS" = 1 ]; then
+    echo "launcher: stopping; the trainer finishes or interrupts its step, saves a checkpoint and exits (signal" \
+         "again to have torchrun kill it after SHUTDOWN_TIMEOUT_S=$SHUTDOWN_TIMEOUT_S s)" >&2
+    pkill -TERM -P "$TRAINING_PID" || true
+  else
+    echo "launcher: stopping torchrun" >&2
+    kill -TERM "$TRAINING_PID" 2>/dev/null || true
+  fi
+}
+
 stop_servers() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   PIDS=()
@@ -237,7 +273,7 @@ launch() {
     echo "+ waiting for the rollout side at $LEARNER_URL$LEARNER_READY"
     if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
-  run env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
+  run_training env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"

@@ -77,11 +77,14 @@ class Trainer:
                 with timer("train"):
                     metrics |= self.learner.train_step(plan)
                 self.step = step  # the learner has finished step i: a checkpoint from here on saves it
-                with self._log_on_failure(step, metrics):
-                    with timer("sync"):
-                        metrics |= self.weight_sync.sync(self.learner, version=str(step))
-                    with timer("eval"):
-                        metrics |= self.evaluate(step)
+                if self._stopping_before_sync(step):
+                    metrics["step/interrupted"] = 1.0
+                else:
+                    with self._log_on_failure(step, metrics):
+                        with timer("sync"):
+                            metrics |= self.weight_sync.sync(self.learner, version=str(step))
+                        with timer("eval"):
+                            metrics |= self.evaluate(step)
                 metrics |= timer.metrics(num_tokens, flops, self.learner.device)
                 metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
@@ -119,6 +122,16 @@ class Trainer:
         state = _broadcast_object(state)
         self.checkpointer.save(self.step, self.learner, state)
         self.saved_step = self.step
+
+    def _stopping_before_sync(self, step: int) -> bool:
+        """Collective: whether a SIGTERM reached any rank before the weight sync. Then the step skips its sync
+        and evaluation: under a scheduler the rollout servers got the SIGTERM too (a sync into a server that is
+        going away fails, or hangs in a broadcast), and the resumed run syncs the weights when it starts."""
+        self.stop_requested = platform.any_rank(self.stop_requested)
+        if self.stop_requested:
+            logger.warning("SIGTERM: step %d has trained; skipping its weight sync and evaluation (the resumed run "
+                           "syncs the weights when it starts)", step)
+        return self.stop_requested
 
     @contextlib.contextmanager
     def _interruptible(self, phase: str):

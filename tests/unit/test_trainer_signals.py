@@ -1,4 +1,5 @@
-"""SIGTERM: a wait on servers (rollout collection, evaluation) stops at once; anything else finishes the step."""
+"""SIGTERM: a wait on servers (rollout collection, evaluation) stops at once; anything else finishes the step,
+which then skips its weight sync (the servers are stopping too) and saves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from megatron_s2l import platform
 from megatron_s2l.config import RunConfig
@@ -48,3 +50,49 @@ def test_an_interruption_reaches_every_rank_as_an_interruption_and_a_failure_as_
         with platform.fail_together("step 2: evaluation"):
             raise ConnectionError("server gone")
     assert not isinstance(failure.value, platform.StepInterrupted)
+
+
+class _Recorder:
+    """Stands in for the learner, weight sync, checkpointer and metrics logger around the real loop."""
+
+    def __init__(self, sigterm_in_update_of: int):
+        self.sigterm_in_update_of, self.step = sigterm_in_update_of, 0
+        self.synced, self.saved, self.rows = [], [], []
+        self.device, self.ref_model = torch.device("cpu"), None
+
+    def plan(self, batch):
+        self.step += 1
+
+    def update_flops(self, batch):
+        return 0.0
+
+    def compute_logprobs(self, plan, reference=False):
+        pass
+
+    def train_step(self, plan):
+        if self.step == self.sigterm_in_update_of:
+            _sigterm()  # preemption while the learner updates
+        return {"loss/pg": 0.5}
+
+    def sync(self, learner, version):
+        self.synced.append(version)
+        return {}
+
+    def save(self, step, learner, state):
+        self.saved.append(step)
+
+    def log(self, step, metrics):
+        self.rows.append((step, metrics))
+
+
+def test_sigterm_during_the_update_saves_the_trained_step_without_syncing_it():
+    cfg = RunConfig()
+    cfg.steps, cfg.checkpoint.every_steps = 5, 0
+    parts = _Recorder(sigterm_in_update_of=2)
+    trainer = Trainer(cfg, learner=parts, rollout=None, weight_sync=parts, checkpointer=parts, metrics=parts)
+    trainer.run()  # returns: a requested stop is not an error
+    assert parts.synced == ["1"]  # step 2 trained but went to no server: the resumed run syncs on start
+    assert parts.saved == [2] and trainer.step == trainer.saved_step == 2
+    assert [step for step, _ in parts.rows] == [1, 2]
+    assert parts.rows[1][1]["step/interrupted"] == 1.0 and parts.rows[1][1]["loss/pg"] == 0.5
+    assert "step/interrupted" not in parts.rows[0][1]

@@ -1,0 +1,80 @@
+"""Stopping a launched run: a SIGTERM to the launcher alone (docker stop, kill) or to every process of the job
+(Slurm's time limit and scancel signal every process of a step) ends the real torchrun trainer with a
+checkpoint, and the launcher exits only after it. The rollout side is a stand-in that answers /health; the
+trainer samples in-process (rollout.engine=local)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.utils import REPO, TINY_CONFIG, free_port, read_rows, subprocess_env, toy_overrides
+
+
+def _trainer_processes(run_dir) -> list[psutil.Process]:
+    """torchrun and its ranks (their command lines name the run directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and f"logging.run_dir={run_dir}" in (proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("target", ["launcher", "every process"])
+def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launcher_exits(toy_world, tmp_path, target):
+    side = tmp_path / "rollout_side"
+    side.mkdir()
+    (side / "health").write_text("ok")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=side,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "run"
+    env = {**subprocess_env(), "ROLE": "train", "ROLLOUT_ADDR": "127.0.0.1", "ROLLOUT_GPUS": "1",
+           "REPLICA_PORT": str(port), "ROLLOUT_WAIT_MINUTES": "1", "GPUS_PER_NODE": "1", "TP": "1",
+           "MICRO_BATCH_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "CONFIG": str(TINY_CONFIG), "LEARNER": toy_world["learner"], "EXPLORER": toy_world["explorer"],
+           "DATA": toy_world["train"], "POOL": toy_world["pool"], "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
+           "SHUTDOWN_TIMEOUT_S": "300"}
+    overrides = [*toy_overrides(toy_world, **{"steps": 50, "eval.every_steps": 0, "checkpoint.every_steps": 0}),
+                 "rollout.engine=local", "rollout.weight_sync=memory"]
+    log = tmp_path / "launcher.log"  # a file, not a pipe: an orphaned trainer would hold a pipe open
+    with open(log, "w") as out_file:
+        launcher = subprocess.Popen(["bash", "examples/run_s2l_8b.sh", *overrides], cwd=REPO, env=env,
+                                    stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()
+            time.sleep(0.5)
+        if target == "launcher":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=300)
+        left = _trainer_processes(run_dir)  # the moment the launcher has exited
+    finally:
+        for proc in _trainer_processes(run_dir):
+            proc.kill()
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        server.kill()
+        server.wait()
+    out = log.read_text()
+    assert not left, f"the launcher exited before the trainer: {[p.info['cmdline'][:4] for p in left]}\n{out[-3000:]}"
+    assert "launcher: stopping; the trainer finishes or interrupts its step" in out, out[-3000:]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert checkpoints, out[-5000:]
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    steps = [row["step"] for row in read_rows(run_dir)]
+    assert state["step"] == steps[-1] < 50 and f"latest checkpoint: {checkpoints[-1]}" in out, out[-3000:]
+    if target == "launcher":  # torchrun itself had no signal: its ranks stopped cleanly, so it exits 0
+        assert launcher.returncode == 0, out[-3000:]
