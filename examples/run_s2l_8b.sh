@@ -7,7 +7,7 @@
 #     bash examples/run_s2l_8b.sh [key=value overrides]
 #   ROLE=rollout ... / ROLE=train ROLLOUT_ADDR=<rollout node> NNODES=.. NODE_RANK=.. MASTER_ADDR=.. (multi-node)
 #
-# Node 0 builds the explorer pool once (an SGLang explorer server, when POOL has no manifest), then serves
+# Node 0 builds the explorer pool once (an SGLang explorer server, unless POOL holds a complete one), then serves
 # the learner replica (one SGLang server per SGLANG_TP GPUs behind sglang-router) on its last ROLLOUT_GPUS
 # GPUs; torchrun starts the Megatron learner on the rest. See examples/lib/launch.sh for every variable.
 set -euo pipefail

@@ -9,7 +9,8 @@
 # Several rollout nodes: ROLLOUT_ADDR=a,b,... on every node and ROLLOUT_RANK=i on rollout node i. Node 0 of
 # them hosts the router over all nodes' learner replicas, the online explorer and the pool build.
 # The rollout side, in order:
-#   1. explorer.mode=pool and no manifest at POOL: an explorer server on all rollout GPUs, `s2l pool build`
+#   1. explorer.mode=pool and no complete pool at POOL: an explorer server on all rollout GPUs, `s2l pool build`
+#      (which resumes an unfinished one)
 #   2. EXPLORER_GPUS > 0: a frozen explorer server kept for training (explorer.mode=online)
 #   3. the learner replica: one SGLang server per SGLANG_TP GPUs, each hot-swapped by the trainer after
 #      every step, behind sglang-router when there is more than one. (One server with --dp-size would not
@@ -45,7 +46,7 @@ fi
 : "${SGLANG_EXTRA_ARGS:=}"        # more sglang.launch_server arguments for every server
 : "${ROUTER_EXTRA_ARGS:=}"        # more sglang_router.launch_router arguments
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
-: "${BUILD_POOL:=auto}"           # auto: build the explorer pool when POOL has no manifest; 0: never
+: "${BUILD_POOL:=auto}"           # auto: build the explorer pool unless POOL holds a complete one; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
 : "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
 : "${SHUTDOWN_TIMEOUT_S:=600}"    # after a SIGTERM, how long torchrun lets the trainer finish and save before
@@ -218,9 +219,14 @@ stop_servers() {
 }
 trap stop_servers EXIT
 
+pool_complete() {  # an unfinished build (a job that ran out of time) has a manifest too: rerunning resumes it
+  [ -f "$POOL/manifest.json" ] && "$PYTHON" -c \
+    'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("status") != "complete")' "$POOL/manifest.json"
+}
+
 start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (for the pool build)
   if [ "$IS_ROLLOUT_HEAD" = 1 ] && [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" = 0 ] && [ "$BUILD_POOL" != 0 ] \
-     && [ ! -f "$POOL/manifest.json" ]; then
+     && ! pool_complete; then
     spawn_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
     wait_started
     run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"

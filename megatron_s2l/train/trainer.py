@@ -210,10 +210,11 @@ def _stop_on_sigterm(trainer: Trainer):
     """SIGTERM (preemption, scancel, torchrun shutting down) stops the driver's rollout collection or
     evaluation at once, and otherwise finishes the current step; then every rank saves and exits."""
     def request_stop(signum, frame):
+        if trainer.stop_requested:
+            return  # the same stop again: torchrun and the launchers pass it on; it must not interrupt the save
         trainer.stop_requested = True
         if trainer.interruptible:
             logger.warning("SIGTERM: stopping %s now", trainer.interruptible)
-            trainer.interruptible = None  # a second SIGTERM (torchrun forwards one) must not interrupt the save
             raise platform.StepInterrupted("SIGTERM")
         logger.warning("SIGTERM: stopping at the end of step %d, with a checkpoint", trainer.step + 1)
 

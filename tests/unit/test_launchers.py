@@ -4,6 +4,7 @@ waits for it and stops it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -88,6 +89,17 @@ def test_dry_run_commands_are_consistent(script, learner):
     else:
         assert not any("pool" in c for c in commands)
     assert commands.index(router) < commands.index(torchrun)
+
+
+@pytest.mark.parametrize("status,builds", [(None, True), ("building", True), ("complete", False)])
+def test_the_pool_is_built_or_finished_unless_it_is_complete(tmp_path, status, builds):
+    """A pool build that ran out of time leaves its manifest ("building"); the next job must resume it, or the
+    trainer would refuse the unfinished pool."""
+    if status is not None:
+        (tmp_path / "manifest.json").write_text(json.dumps({"status": status, "num_chunks": 3}, indent=2))
+    commands = dry_run("run_s2l_8b.sh", POOL=str(tmp_path), PYTHON=sys.executable)
+    assert any("pool" in c and "build" in c for c in commands) == builds
+    assert len(_servers(commands, "/models/Qwen3-1.7B-Base")) == builds  # an explorer server for the build
 
 
 def test_rollout_node_and_training_nodes_agree():
