@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from megatron_s2l.config import ConfigError
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the launchers start torchrun with SIGTERM ignored, so that only its workers act on one (examples/lib/
+    # launch.sh); the workers inherit the ignore, and SIGTERM must still stop them
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:  # megatron-core logs every parameter and its whole config at INFO

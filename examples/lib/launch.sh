@@ -49,8 +49,9 @@ fi
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool unless POOL holds a complete one; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
 : "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
-: "${SHUTDOWN_TIMEOUT_S:=600}"    # after a SIGTERM, how long torchrun lets the trainer finish and save before
-                                  # SIGKILL (torch releases that read TORCH_ELASTIC_SHUTDOWN_TIMEOUT; older: 30 s)
+: "${SHUTDOWN_TIMEOUT_S:=600}"    # how long torchrun lets the trainer save before SIGKILL when it acts on a
+                                  # SIGTERM itself: torch releases whose torchrun lacks --signals-to-handle (see
+                                  # run_training); those that also lack TORCH_ELASTIC_SHUTDOWN_TIMEOUT give 30 s
 : "${ROLLOUT_WAIT_MINUTES:=720}"  # ROLE=train: how long to wait for the rollout side (its first run
                                   # builds the explorer pool before serving)
 : "${RUN_DIR:=runs/$(basename "${CONFIG%.yaml}")}"
@@ -180,12 +181,12 @@ spawn_server() {  # spawn_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP (--sleep-
 run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM to this launcher goes on to the
                   # trainer processes, and the launcher waits until they have saved and torchrun has exited.
   # A foreground torchrun would not do: bash would exit at once, leaving torchrun orphaned (docker stop, kill)
-  # or killed with the rest of the Slurm step (which ends when its task, this launcher, exits). The signal goes
-  # to torchrun's children, not to torchrun: under Slurm torchrun has had one already, and a second cuts short
-  # its wait for them. A second SIGTERM to the launcher goes to torchrun too (it kills them after its timeout).
+  # or killed with the rest of the Slurm step (which ends when its task, this launcher, exits). torchrun
+  # itself ignores SIGTERM (Slurm signals every process): its workers stop on their own and exit 0, where
+  # torchrun would pass the signal on, wait, then exit 1 with a traceback. A second SIGTERM kills the workers.
   echo "+ $*"
   if [ "$DRY_RUN" = 1 ]; then return; fi
-  "$@" &
+  (trap '' TERM; exec "$@") &
   TRAINING_PID=$! STOPS=0
   trap stop_training TERM
   while kill -0 "$TRAINING_PID" 2>/dev/null; do wait "$TRAINING_PID" || true; done
@@ -204,12 +205,12 @@ run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM t
 stop_training() {
   STOPS=$((STOPS + 1))
   if [ "$STOPS" = 1 ]; then
-    echo "launcher: stopping; the trainer finishes or interrupts its step, saves a checkpoint and exits (signal" \
-         "again to have torchrun kill it after SHUTDOWN_TIMEOUT_S=$SHUTDOWN_TIMEOUT_S s)" >&2
+    echo "launcher: stopping; the trainer finishes or interrupts its step, saves a checkpoint and exits" \
+         "(SIGTERM again: kill it without saving)" >&2
     pkill -TERM -P "$TRAINING_PID" || true
   else
-    echo "launcher: stopping torchrun" >&2
-    kill -TERM "$TRAINING_PID" 2>/dev/null || true
+    echo "launcher: killing the trainer" >&2
+    pkill -KILL -P "$TRAINING_PID" || true
   fi
 }
 
@@ -280,6 +281,7 @@ launch() {
     if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
   run_training env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
+    PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"

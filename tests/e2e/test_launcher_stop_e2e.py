@@ -76,5 +76,5 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     steps = [row["step"] for row in read_rows(run_dir)]
     assert state["step"] == steps[-1] < 50 and f"latest checkpoint: {checkpoints[-1]}" in out, out[-3000:]
-    if target == "launcher":  # torchrun itself had no signal: its ranks stopped cleanly, so it exits 0
-        assert launcher.returncode == 0, out[-3000:]
+    # torchrun ignored the signal: its ranks stopped cleanly, so it (and the launcher) exit 0, no traceback
+    assert launcher.returncode == 0 and "SignalException" not in out, out[-3000:]

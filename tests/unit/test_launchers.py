@@ -63,7 +63,9 @@ def test_dry_run_commands_are_consistent(script, learner):
                        TP="2", PP="2", RECOMPUTE="full")
     torchrun, cfg = _train_config(commands)
     assert _flag(torchrun, "--nproc-per-node") == "4" and _gpus(torchrun) == {"0", "1", "2", "3"}
-    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in torchrun  # SIGTERM: time to save before torchrun's SIGKILL
+    # SIGTERM goes to the trainer, not torchrun (it would exit 1); a torchrun that acts on it anyway waits 600 s
+    assert "PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT" in torchrun
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in torchrun
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.recompute) == (2, 2, "full")
     assert cfg.model.path == learner and cfg.algorithm.kl_coef == 0.002  # user overrides pass through
     # the learner replica: one server per SGLANG_TP GPUs (never --dp-size: SGLang's weight-update group
