@@ -141,11 +141,12 @@ def _now() -> str:
 def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_prompt: int,
                params: SamplingParams, out_dir: str | Path, *, explorer_model: str, tokenizer_dir: str | Path,
                dataset_name: str = "", scorer: Optional[Scorer] = None, chunk_size: int = 64,
-               seed: int = 0) -> Path:
+               seed: int = 0, chunks_in_flight: int = 1) -> Path:
     """Generate `n_per_prompt` explorer samples per prompt into `out_dir` (resumable); returns out_dir.
 
     `params.seed` (or `seed` when it is None) seeds the engine; with LocalEngine a prompt's samples then
     depend only on that seed and the prompt, so a resumed build equals an uninterrupted one.
+    `chunks_in_flight` > 1 keeps a server busy while a chunk's last, longest responses finish.
     """
     from transformers import AutoTokenizer
 
@@ -153,8 +154,9 @@ def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_pro
     if len(set(ids)) != len(ids):
         raise ValueError("prompt_id values repeat in the dataset; the pool is keyed by prompt_id, so "
                          "deduplicate the prompts (the paper deduplicates DAPO-Math-17k) first")
-    if n_per_prompt < 1 or chunk_size < 1:
-        raise ValueError(f"n_per_prompt={n_per_prompt}, chunk_size={chunk_size}: both must be >= 1")
+    if min(n_per_prompt, chunk_size, chunks_in_flight) < 1:
+        raise ValueError(f"n_per_prompt={n_per_prompt}, chunk_size={chunk_size}, chunks_in_flight="
+                         f"{chunks_in_flight}: all must be >= 1")
     params = dataclasses.replace(params, seed=seed if params.seed is None else params.seed)
     out_dir = Path(out_dir)
     manifest = {
@@ -167,7 +169,8 @@ def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_pro
     }
     manifest = _start_or_resume(out_dir, manifest)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer))
+    version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer,
+                                        chunks_in_flight))
     manifest.update(status="complete", completed=_now(), num_samples=len(prompts) * n_per_prompt,
                     explorer_weight_version=version)
     _write_json(out_dir / MANIFEST, manifest)
@@ -193,22 +196,29 @@ def _start_or_resume(out_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
-async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer) -> str:
-    """Generate every missing chunk; returns the engine's weight version (one event loop for all calls)."""
-    size, n = manifest["chunk_size"], manifest["n_per_prompt"]
-    for index in range(manifest["num_chunks"]):
-        path = out_dir / CHUNKS / f"chunk-{index:05d}.parquet"
-        if path.is_file():
-            continue
-        start = time.perf_counter()
-        records = prompts[index * size:(index + 1) * size]
-        generations = await engine.generate([list(r.prompt_ids) for r in records], n, params)
+async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer, in_flight: int) -> str:
+    """Generate every missing chunk, `in_flight` at a time; returns the engine's weight version (one event loop
+    for all calls). Chunks finish in any order: each is its own file, so a resume skips exactly the done ones."""
+    size, n, total = manifest["chunk_size"], manifest["n_per_prompt"], manifest["num_chunks"]
+    paths = [out_dir / CHUNKS / f"chunk-{index:05d}.parquet" for index in range(total)]
+    limiter, missing = asyncio.Semaphore(in_flight), [i for i, path in enumerate(paths) if not path.is_file()]
+    done = 0
+
+    async def build(index: int) -> None:
+        nonlocal done
+        async with limiter:
+            start = time.perf_counter()
+            records = prompts[index * size:(index + 1) * size]
+            generations = await engine.generate([list(r.prompt_ids) for r in records], n, params)
         table = _chunk_table(records, generations, tokenizer, scorer)
-        tmp = path.with_suffix(".parquet.tmp")
+        tmp = paths[index].with_suffix(".parquet.tmp")
         pq.write_table(table, tmp, row_group_size=n)  # one row group per prompt: draws read just that
-        os.replace(tmp, path)  # a chunk file exists only when complete
-        logger.info("pool chunk %d/%d: %d prompts x %d samples in %.1f s", index + 1, manifest["num_chunks"],
-                    len(records), n, time.perf_counter() - start)
+        os.replace(tmp, paths[index])  # a chunk file exists only when complete
+        done += 1
+        logger.info("pool chunk %d/%d: %d prompts x %d samples in %.1f s (%d/%d this run)", index + 1,
+                    total, len(records), n, time.perf_counter() - start, done, len(missing))
+
+    await asyncio.gather(*map(build, missing))
     return await engine.weight_version()
 
 

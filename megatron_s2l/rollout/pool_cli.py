@@ -27,6 +27,9 @@ def add_pool_arguments(subparsers) -> None:
     build.add_argument("--config", help="run YAML (the same file `s2l train` uses)")
     build.add_argument("--out", help="pool directory (default: explorer.pool_path)")
     build.add_argument("--chunk-size", type=int, default=64, help="prompts per chunk file (default 64)")
+    build.add_argument("--chunks-in-flight", type=int, default=None,
+                       help="chunks sampled at once (default: 4 from a server, so that it stays busy while a "
+                            "chunk's longest responses finish; 1 in-process)")
     build.add_argument("--explorer-url", default=None,
                        help="sample from this running SGLang server of the explorer (at scale) instead of loading "
                             "explorer.model_path in-process")
@@ -70,7 +73,8 @@ def run_build(args: argparse.Namespace) -> int:
     build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
                explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
                dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
-               chunk_size=args.chunk_size, seed=cfg.seed)
+               chunk_size=args.chunk_size, seed=cfg.seed,
+               chunks_in_flight=args.chunks_in_flight or (4 if args.explorer_url else 1))
     print(f"explorer pool ready: {cfg.explorer.pool_path}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from megatron_s2l.rollout import sglang_launch
@@ -33,12 +34,18 @@ def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_p
                 timeout=900)
         assert _version(replica) == "3"  # synced after every step, the last one is served
         assert _version(explorer) == explorer_version  # the explorer is frozen
-        # the same server builds an offline pool (what examples/lib/launch.sh does at scale)
+        # the same server builds an offline pool (what examples/lib/launch.sh does at scale), chunks of 8
+        # prompts, 4 of them in flight (the default from a server)
         pool = tmp_path / "sglang_pool"
-        run_s2l(["pool", "build", "--config", str(TINY_CONFIG), "--explorer-url", explorer.url,
+        run_s2l(["pool", "build", "--config", str(TINY_CONFIG), "--explorer-url", explorer.url, "--chunk-size", "8",
                  *toy_overrides(toy_world, **{"explorer.pool_path": pool, "explorer.n_per_prompt": 3})], timeout=900)
     manifest = json.loads((pool / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["n_per_prompt"] == 3 and manifest["num_prompts"] >= 40
+    chunks = sorted(pool.glob("chunks/chunk-*.parquet"))
+    assert len(chunks) == manifest["num_chunks"] >= 5
+    pool_rows = [row for chunk in chunks for row in pq.read_table(chunk).to_pylist()]
+    assert len(pool_rows) == 3 * manifest["num_prompts"]  # every prompt once, whichever chunk finished first
+    assert len({row["prompt_id"] for row in pool_rows}) == manifest["num_prompts"]
     assert "sglang" in manifest["engine"] or "explorer" in manifest["engine"]
     rows = read_rows(tmp_path / "run")
     assert [(r["schedule/G_w"], r["schedule/G_s"]) for r in rows] == [(4, 0), (0, 4), (0, 4)]

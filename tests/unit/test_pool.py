@@ -3,6 +3,7 @@ cursor resume == uninterrupted, statistics."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
@@ -130,6 +131,34 @@ def test_crashed_build_resumes_and_equals_an_uninterrupted_one(engine, explorer_
     rerun = CrashingEngine(engine)
     build(rerun, explorer_dir, out, scorer=RuleScorer())
     assert rerun.calls == 2  # only the two missing chunks were generated
+    for name in ("chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"):
+        assert pq.read_table(out / CHUNKS / name).equals(pq.read_table(pool_dir / CHUNKS / name))
+
+
+class CountingEngine:
+    """Records how many generate calls overlap (a server would batch them together)."""
+
+    def __init__(self, engine):
+        self.engine, self.name, self.running, self.most = engine, engine.name, 0, 0
+
+    async def generate(self, prompts, n, params):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await asyncio.sleep(0.05)  # let the other chunks start
+        try:
+            return await self.engine.generate(prompts, n, params)
+        finally:
+            self.running -= 1
+
+    async def weight_version(self):
+        return await self.engine.weight_version()
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_chunks_in_flight_overlap_and_build_the_same_pool(engine, explorer_dir, pool_dir, tmp_path, in_flight):
+    counting = CountingEngine(engine)
+    out = build(counting, explorer_dir, tmp_path / "pool", scorer=RuleScorer(), chunks_in_flight=in_flight)
+    assert counting.most == in_flight  # 3 chunks, never more than asked at once
     for name in ("chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"):
         assert pq.read_table(out / CHUNKS / name).equals(pq.read_table(pool_dir / CHUNKS / name))
 
