@@ -36,6 +36,10 @@ SCONTROL = r"""#!/usr/bin/env bash
 """
 
 
+# what the job's log of step events must hold when it ends: both trainers stopped, then saved
+TRAINERS_SAVED = ["n1 train saved", "n1 train sigterm", "n2 train saved", "n2 train sigterm"]
+
+
 def _lines(path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -85,8 +89,7 @@ def test_the_time_limit_warning_stops_every_step_once_and_the_job_waits_for_the_
     out, events = _finish(batch, tmp_path)
     assert batch.returncode == 0, out
     assert _lines(tmp_path / "scancel") == ["--signal=TERM 42"]
-    assert sorted(events) == ["n0 rollout sigterm", "n1 train saved", "n1 train sigterm", "n2 train saved",
-                              "n2 train sigterm"]
+    assert sorted(events) == ["n0 rollout sigterm", *TRAINERS_SAVED]
 
 
 def test_a_rollout_node_that_dies_stops_the_trainers_with_a_checkpoint(job):
@@ -94,8 +97,7 @@ def test_a_rollout_node_that_dies_stops_the_trainers_with_a_checkpoint(job):
     batch = submit(rollout_s=1)
     out, events = _finish(batch, tmp_path)
     assert batch.returncode == 0 and "stopping: SIGTERM to every step" in out, out
-    assert events[0] == "n0 rollout died" and sorted(events[1:]) == ["n1 train saved", "n1 train sigterm",
-                                                                     "n2 train saved", "n2 train sigterm"]
+    assert events[0] == "n0 rollout died" and sorted(events[1:]) == TRAINERS_SAVED
 
 
 def test_preemption_signals_nobody_twice_and_the_job_waits_for_the_trainers(job):
@@ -105,9 +107,8 @@ def test_preemption_signals_nobody_twice_and_the_job_waits_for_the_trainers(job)
     for line in _lines(tmp_path / "steps"):
         os.kill(int(line.split()[0]), signal.SIGTERM)
     out, events = _finish(batch, tmp_path)
-    assert not (tmp_path / "scancel").exists(), out  # the steps had their SIGTERM already
-    assert sorted(events) == ["n0 rollout sigterm", "n1 train saved", "n1 train sigterm", "n2 train saved",
-                              "n2 train sigterm"]
+    assert batch.returncode == 0 and not (tmp_path / "scancel").exists(), out  # each had its SIGTERM already
+    assert sorted(events) == ["n0 rollout sigterm", *TRAINERS_SAVED]
 
 
 def test_a_finished_training_ends_the_job_without_stopping_anything(job):
