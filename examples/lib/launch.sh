@@ -204,14 +204,17 @@ run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM t
 
 stop_training() {
   STOPS=$((STOPS + 1))
+  local signal=TERM
   if [ "$STOPS" = 1 ]; then
     echo "launcher: stopping; the trainer finishes or interrupts its step, saves a checkpoint and exits" \
          "(SIGTERM again: kill it without saving)" >&2
-    pkill -TERM -P "$TRAINING_PID" || true
   else
     echo "launcher: killing the trainer" >&2
-    pkill -KILL -P "$TRAINING_PID" || true
+    signal=KILL
   fi
+  # torchrun's workers (pgrep may be missing, e.g. in a minimal container: then the kernel's list)
+  kill -"$signal" $(pgrep -P "$TRAINING_PID" 2>/dev/null || cat /proc/"$TRAINING_PID"/task/*/children 2>/dev/null) \
+    2>/dev/null || true
 }
 
 stop_servers() {
