@@ -11,10 +11,8 @@ responses do. Needs the SGLang venv (tools/sglang_cpu/setup_venv.sh, or a GPU in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform as host
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +22,13 @@ import torch
 from common import REPO  # noqa: F401  benchmarks/ is the script's directory; common puts the repo on sys.path
 
 
-@dataclasses.dataclass
-class Prompt:
-    prompt_id: str
-    prompt_ids: list[int]
-    gold: str
-
-
-def make_model_dir(out: Path, max_new_tokens: int) -> tuple[Path, list[Prompt]]:
-    """An untrained toy explorer, and addition prompts in its tokenizer."""
+def make_model_and_prompts(out: Path, max_new_tokens: int, num_prompts: int) -> tuple[Path, list]:
+    """An untrained toy explorer, and toy addition prompts read by the data module as a run reads them."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from megatron_s2l import toy
+    from megatron_s2l.config import DataConfig
+    from megatron_s2l.data import load_prompts
 
     tokenizer = toy.build_tokenizer(out)
     torch.manual_seed(0)
@@ -44,11 +37,8 @@ def make_model_dir(out: Path, max_new_tokens: int) -> tuple[Path, list[Prompt]]:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          **toy.TOY_SIZES["explorer"])
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    rng = random.Random(0)
-    problems = [toy.make_problem(rng) for _ in range(4096)]
-    prompts = [Prompt(f"p{i}", tokenizer(toy.prompt_text(p["question"]), add_special_tokens=False)["input_ids"],
-                      p["answer"]) for i, p in enumerate(problems)]
-    return out, prompts
+    data = toy.write_dataset(out.parent / "prompts.jsonl", num_prompts, seed=0)
+    return out, load_prompts(DataConfig(path=str(data), template="plain"), tokenizer)
 
 
 def build_once(url: str, prompts, args, model_dir: Path, out: Path, in_flight: int) -> dict:
@@ -57,7 +47,6 @@ def build_once(url: str, prompts, args, model_dir: Path, out: Path, in_flight: i
     from megatron_s2l.rollout.types import SamplingParams
 
     engine = SGLangEngine(url, name="explorer")  # its HTTP client belongs to build_pool's event loop
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0)
     start = time.perf_counter()
     build_pool(engine, prompts, args.samples, params, out, explorer_model=str(model_dir), tokenizer_dir=model_dir,
@@ -90,8 +79,7 @@ def main() -> None:
         print(json.dumps(report | {"skipped": "no SGLang venv (run tools/sglang_cpu/setup_venv.sh)"}))
         return
     work = Path(tempfile.mkdtemp(prefix="bench_pool_"))
-    model_dir, prompts = make_model_dir(work / "model", args.max_new_tokens)
-    prompts = prompts[:args.prompts]
+    model_dir, prompts = make_model_and_prompts(work / "model", args.max_new_tokens, args.prompts)
     # room for every sequence of the widest variant at once, so the KV cache is not what limits it
     capacity = max(args.in_flight) * args.chunk_size * args.samples * (64 + args.max_new_tokens)
     with launch_server(model_dir, dtype="float32", log_dir=work, max_total_tokens=capacity) as server:

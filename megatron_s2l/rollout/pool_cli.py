@@ -65,16 +65,19 @@ def run_build(args: argparse.Namespace) -> int:
 
         engine = SGLangEngine(args.explorer_url, api_key=cfg.rollout.api_key,
                               request_timeout_s=cfg.rollout.request_timeout_s, name="explorer")
+        in_flight = 4  # the server stays busy through each chunk's tail
     else:
         engine = build_local_engine(cfg.explorer.model_path, device=args.device, max_batch_rows=args.batch_rows,
                                     seed=cfg.seed)
+        in_flight = 1  # in-process generation runs one call at a time anyway
+    if args.chunks_in_flight is not None:
+        in_flight = args.chunks_in_flight
     params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length,
                             temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, seed=cfg.seed)
     build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
                explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
                dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
-               chunk_size=args.chunk_size, seed=cfg.seed,
-               chunks_in_flight=args.chunks_in_flight or (4 if args.explorer_url else 1))
+               chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
     print(f"explorer pool ready: {cfg.explorer.pool_path}")
     return 0
 

@@ -51,18 +51,25 @@ class RuleScorer:
         return [Result(float(crc % 2 == 0), str(crc % 3)) for crc in crcs]
 
 
-class CrashingEngine:
-    """Passes calls through to an engine, and raises on generate call number `crash_at` (1-based)."""
+class RecordingEngine:
+    """Passes calls through to an engine, counting them and how many overlap (a server would batch those
+    together); raises on generate call number `crash_at` (1-based)."""
 
     def __init__(self, engine, crash_at: int | None = None):
-        self.engine, self.crash_at, self.calls = engine, crash_at, 0
-        self.name = engine.name
+        self.engine, self.name, self.crash_at = engine, engine.name, crash_at
+        self.calls, self.running, self.most_at_once = 0, 0, 0
 
     async def generate(self, prompts, n, params):
         self.calls += 1
         if self.calls == self.crash_at:
             raise RuntimeError("simulated crash")
-        return await self.engine.generate(prompts, n, params)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        await asyncio.sleep(0.05)  # let other chunks start
+        try:
+            return await self.engine.generate(prompts, n, params)
+        finally:
+            self.running -= 1
 
     async def weight_version(self):
         return await self.engine.weight_version()
@@ -122,43 +129,24 @@ def test_build_writes_rows_and_manifest(pool_dir, explorer_dir):
 def test_crashed_build_resumes_and_equals_an_uninterrupted_one(engine, explorer_dir, pool_dir, tmp_path):
     out = tmp_path / "pool"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build(CrashingEngine(engine, crash_at=2), explorer_dir, out, scorer=RuleScorer())
+        build(RecordingEngine(engine, crash_at=2), explorer_dir, out, scorer=RuleScorer())
     assert json.loads((out / MANIFEST).read_text())["status"] == "building"
     assert [f.name for f in (out / CHUNKS).iterdir()] == ["chunk-00000.parquet"]
     with pytest.raises(ValueError, match="did not finish.*resume"):
         ExplorerPool.open(out, tokenizer_hash(explorer_dir))
 
-    rerun = CrashingEngine(engine)
+    rerun = RecordingEngine(engine)
     build(rerun, explorer_dir, out, scorer=RuleScorer())
     assert rerun.calls == 2  # only the two missing chunks were generated
     for name in ("chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"):
         assert pq.read_table(out / CHUNKS / name).equals(pq.read_table(pool_dir / CHUNKS / name))
 
 
-class CountingEngine:
-    """Records how many generate calls overlap (a server would batch them together)."""
-
-    def __init__(self, engine):
-        self.engine, self.name, self.running, self.most = engine, engine.name, 0, 0
-
-    async def generate(self, prompts, n, params):
-        self.running += 1
-        self.most = max(self.most, self.running)
-        await asyncio.sleep(0.05)  # let the other chunks start
-        try:
-            return await self.engine.generate(prompts, n, params)
-        finally:
-            self.running -= 1
-
-    async def weight_version(self):
-        return await self.engine.weight_version()
-
-
 @pytest.mark.parametrize("in_flight", [1, 2])
 def test_chunks_in_flight_overlap_and_build_the_same_pool(engine, explorer_dir, pool_dir, tmp_path, in_flight):
-    counting = CountingEngine(engine)
-    out = build(counting, explorer_dir, tmp_path / "pool", scorer=RuleScorer(), chunks_in_flight=in_flight)
-    assert counting.most == in_flight  # 3 chunks, never more than asked at once
+    recording = RecordingEngine(engine)
+    out = build(recording, explorer_dir, tmp_path / "pool", scorer=RuleScorer(), chunks_in_flight=in_flight)
+    assert recording.most_at_once == in_flight  # 3 chunks, never more than asked at once
     for name in ("chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"):
         assert pq.read_table(out / CHUNKS / name).equals(pq.read_table(pool_dir / CHUNKS / name))
 
