@@ -38,6 +38,8 @@ fi
 : "${MICRO_BATCH_TOKENS:=0}"      # > 0: micro-batches filled up to this many tokens (e.g. 9216 =
                                   # 2 x (512 + 4096)); 0: MICRO_BATCH_SIZE sequences each
 : "${RECOMPUTE:=off}"             # full: rerun each layer in the backward (less activation memory)
+: "${FP8:=}"                      # delayed | tensorwise: FP8 GEMMs through Transformer Engine (H100 and
+                                  # later; the log-prob path stays BF16/fp32); empty: BF16
 : "${SGLANG_TP:=1}"               # tensor parallel inside each learner-replica server
 : "${ROUTER_PORT:=30000}"         # the learner replica's entry point (sglang-router, or the only server)
 : "${REPLICA_PORT:=30100}"        # learner-replica server i listens on REPLICA_PORT + i
@@ -270,6 +272,7 @@ launch() {
   if [ -n "${EXPLORER:-}" ] && [ "$EXPLORER_GPUS" -gt 0 ]; then
     overrides+=("explorer.mode=online" "explorer.url=http://$ROLLOUT_HEAD:$EXPLORER_PORT")
   fi
+  if [ -n "$FP8" ]; then overrides+=("model.fp8.recipe=$FP8"); fi
   overrides+=("${EXTRA_OVERRIDES[@]}")
 
   if [ "$SERVES_ROLLOUTS" = 1 ]; then start_rollout_side "${overrides[@]}"; fi

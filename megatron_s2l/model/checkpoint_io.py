@@ -99,13 +99,27 @@ def check_same_architecture(expected: dict, found: dict, where: str) -> None:
 
 
 def load_megatron_checkpoint(model, ckpt_dir: str | Path, hf_config: dict) -> None:
-    """Load a dist checkpoint into `model` at whatever TP/PP it was built with. Collective."""
+    """Load a dist checkpoint into `model` at whatever TP/PP it was built with. Collective.
+
+    A checkpoint written with the other layer implementation (local on CPU, Transformer Engine on GPU)
+    lacks some modules' `_extra_state` (e.g. TE attention's FP8 metadata): those start fresh. A missing
+    weight is an error."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt_dir = Path(ckpt_dir)
     check_same_architecture(hf_config, read_checkpoint_hf_config(ckpt_dir), str(ckpt_dir))
     gpt = unwrap(model)
-    state = dist_checkpointing.load(gpt.sharded_state_dict(prefix=""), str(ckpt_dir / MODEL_SUBDIR))
+    state, _, absent = dist_checkpointing.load(gpt.sharded_state_dict(prefix=""), str(ckpt_dir / MODEL_SUBDIR),
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    absent_weights = sorted(key for key in absent if not key.endswith("_extra_state"))
+    if absent_weights:
+        raise ValueError(f"{ckpt_dir} lacks {len(absent_weights)} tensor(s) the model needs "
+                         f"({', '.join(absent_weights[:4])}{', ...' if len(absent_weights) > 4 else ''}); "
+                         "the checkpoint is incomplete: write it again with `s2l convert hf-to-megatron`")
+    if absent:
+        logger.info("%s has no extra state for %d module(s) (written with another layer implementation); "
+                    "they start fresh", ckpt_dir, len(absent))
     gpt.load_state_dict(state, strict=False)
 
 

@@ -116,3 +116,11 @@ class TrainBatch:
 def round_up(n: int, multiple: int) -> int:
     """The least multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple
+
+
+def width_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch's width must be a multiple of: 8 positions per GEMM input for tensor-core
+    friendly shapes, 16 under FP8 (Transformer Engine refuses FP8 GEMMs on other token counts). Sequence
+    parallelism gives each TP rank 1/TP of the width, so that share must be the multiple."""
+    per_input = 16 if fp8 else 8
+    return per_input * tp if sequence_parallel else per_input

@@ -28,7 +28,8 @@ from megatron_s2l.algo.loss import LossInputs, finalize_metrics, policy_loss, re
 from megatron_s2l.config import RunConfig
 from megatron_s2l.metrics import perf
 from megatron_s2l.model import convert, specs
-from megatron_s2l.train.batch import TrainBatch, round_up
+from megatron_s2l.platform import max_over_ranks
+from megatron_s2l.train.batch import TrainBatch, round_up, width_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +105,25 @@ class Learner:
                 parts += f" x parallel.micro_batch_size={parallel.micro_batch_size}"
             raise ValueError(f"batch of {batch.num_sequences} sequences cannot be split into {parts}; "
                              "make prompts_per_step * group_size divisible by their product")
-        # sequence parallelism splits every micro-batch's width over the TP ranks
-        multiple = math.lcm(8, parallel.tp) if convert.unwrap(self.model).config.sequence_parallel else 8
+        config = convert.unwrap(self.model).config
+        multiple = width_multiple(parallel.tp, config.sequence_parallel, bool(config.fp8))
         batch = batch.trimmed(multiple)
-        plan = []
+        locals_, micro_rows = [], []
         for m in range(num_mini):
             mini = batch.select(slice(m * rows_per_mini, (m + 1) * rows_per_mini))
             mini.weights = reduction_weights(
                 mini.response_mask, self.cfg.algorithm.reduction, mini.num_sequences,
                 mini.num_response_tokens, self.cfg.rollout.max_response_length)
-            local = mini.select(self._rows_of_rank(mini, dp_rank, dp_size))
-            micro = [local.select(rows) for rows in self._micro_batch_rows(local, multiple)]
+            locals_.append(mini.select(self._rows_of_rank(mini, dp_rank, dp_size)))
+            micro_rows.append(self._micro_batch_rows(locals_[-1], multiple))
+        if parallel.micro_batch_tokens and dp_size > 1:  # only a token budget gives ranks different counts
+            from megatron.core import parallel_state
+
+            counts = max_over_ranks([len(rows) for rows in micro_rows], parallel_state.get_data_parallel_group_gloo())
+            micro_rows = [split_to(rows, int(count)) for rows, count in zip(micro_rows, counts)]
+        plan = []
+        for local, rows in zip(locals_, micro_rows):
+            micro = [local.select(r) for r in rows]
             if parallel.length_grouping:
                 micro = [b.trimmed(multiple) for b in micro]
             plan.append([MicroBatch(b.to(self.device)) for b in micro])
@@ -285,6 +294,22 @@ class Learner:
         self.scheduler.step(increment=1)
         self.num_updates += 1
         return grad_norm, True
+
+
+def split_to(micro_rows: list[slice], count: int) -> list[slice]:
+    """Split the micro-batches with the most rows in two until there are `count` of them, keeping their
+    order. Every data-parallel rank must run as many micro-batches as the others: FP8's amax reductions
+    span the data-parallel group once per forward."""
+    micro_rows = list(micro_rows)
+    while len(micro_rows) < count:
+        i = max(range(len(micro_rows)), key=lambda j: micro_rows[j].stop - micro_rows[j].start)
+        rows = micro_rows[i]
+        if rows.stop - rows.start < 2:
+            raise ValueError(f"cannot split {micro_rows[-1].stop - micro_rows[0].start} rows into {count} "
+                             "micro-batches: data-parallel ranks were given different numbers of rows")
+        middle = (rows.start + rows.stop) // 2
+        micro_rows[i:i + 1] = [slice(rows.start, middle), slice(middle, rows.stop)]
+    return micro_rows
 
 
 def _reduce_metrics(sums: dict[str, float]) -> dict[str, float]:

@@ -31,24 +31,44 @@ def gpu_model(tmp_path_factory):
                            intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 
 
-def _logits(model_dir, impl: str) -> torch.Tensor:
+def _model(model_dir, impl: str, megatron_checkpoint=None):
+    """The GPTModel of an HF directory, its weights from there or from a Megatron checkpoint."""
     from megatron_s2l.model import checkpoint_io, convert, specs
 
     ckpt = checkpoint_io.HFCheckpoint(model_dir)
     args = specs.model_args_from_hf(ckpt.hf_config)
     model = specs.build_gpt_model(args, ModelConfig(dtype="bfloat16", transformer_impl=impl), ParallelConfig())
-    convert.load_hf_weights(model, ckpt.get, args)
+    if megatron_checkpoint is None:
+        convert.load_hf_weights(model, ckpt.get, args)
+    else:
+        checkpoint_io.load_megatron_checkpoint(model, megatron_checkpoint, ckpt.hf_config)
+    return model.eval(), args
+
+
+def _logits(model_and_args) -> torch.Tensor:
+    model, args = model_and_args
     ids = torch.randint(0, 1000, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     positions = torch.arange(32, device="cuda").expand(2, 32)
     with torch.no_grad():
-        return model.eval()(ids, positions, None)[..., : args.vocab_size].float()
+        return model(ids, positions, None)[..., : args.vocab_size].float()
 
 
 @pytest.mark.skipif(not _have("transformer_engine"), reason="needs transformer-engine (the NGC container)")
 def test_te_spec_logits_match_local_spec(mcore_world1, gpu_model):
-    te, local = _logits(gpu_model, "transformer_engine"), _logits(gpu_model, "local")
+    te, local = _logits(_model(gpu_model, "transformer_engine")), _logits(_model(gpu_model, "local"))
     assert (te - local).abs().max().item() < 0.05 * local.abs().max().item()  # bf16 kernels differ in rounding
     assert (te.argmax(-1) == local.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.skipif(not _have("transformer_engine"), reason="needs transformer-engine (the NGC container)")
+def test_checkpoint_written_with_local_layers_loads_into_te_layers(mcore_world1, gpu_model, tmp_path):
+    """`s2l convert` on a CPU machine writes local-spec checkpoints; TE attention has extra state they lack."""
+    from megatron_s2l.model import checkpoint_io
+
+    local, _ = _model(gpu_model, "local")
+    checkpoint_io.save_megatron_checkpoint(local, tmp_path / "mcore", checkpoint_io.HFCheckpoint(gpu_model).hf_config)
+    loaded = _logits(_model(gpu_model, "transformer_engine", megatron_checkpoint=tmp_path / "mcore"))
+    assert torch.equal(loaded, _logits(_model(gpu_model, "transformer_engine")))
 
 
 def test_fused_attention_matches_megatron_core_in_bf16(mcore_world1):

@@ -109,6 +109,37 @@ def test_convert_refuses_missing_tensor(mcore_world1, tiny_qwen3, tmp_path):
         checkpoint_io.convert_hf_to_megatron(broken, tmp_path / "out", FP32, ParallelConfig())
 
 
+def _rewrite_without(ckpt_dir, model, dropped) -> None:
+    """Rewrite a converted checkpoint's model part without the sharded entries `dropped` selects."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    shutil.rmtree(ckpt_dir / checkpoint_io.MODEL_SUBDIR)
+    (ckpt_dir / checkpoint_io.MODEL_SUBDIR).mkdir()
+    state = {k: v for k, v in model.sharded_state_dict(prefix="").items() if not dropped(k)}
+    dist_checkpointing.save(state, str(ckpt_dir / checkpoint_io.MODEL_SUBDIR))
+
+
+def test_checkpoint_from_another_layer_implementation_loads_without_extra_state(mcore_world1, tiny_qwen3,
+                                                                                 tmp_path):
+    """TE layers keep FP8 metadata in `_extra_state` where local layers keep none (or other modules'): a
+    checkpoint converted on CPU must load into the GPU model, and one missing a weight must not."""
+    source, args = _megatron_from_hf(tiny_qwen3)
+    hf_config = specs.load_hf_config(tiny_qwen3)
+    ckpt = checkpoint_io.convert_hf_to_megatron(tiny_qwen3, tmp_path / "mcore", FP32, ParallelConfig())
+    assert any(k.endswith("_extra_state") for k in source.sharded_state_dict(prefix=""))
+    _rewrite_without(ckpt, source, lambda key: key.endswith("_extra_state"))
+    model = specs.build_gpt_model(args, FP32, ParallelConfig()).eval()
+    checkpoint_io.load_megatron_checkpoint(model, ckpt, hf_config)
+    ids = torch.randint(0, args.vocab_size, (2, 8))
+    assert torch.equal(_logits(model, ids, args.vocab_size), _logits(source, ids, args.vocab_size))
+
+    _rewrite_without(ckpt, source, lambda key: key == "decoder.final_layernorm.weight")
+    with pytest.raises(ValueError, match="lacks 1 tensor.*decoder.final_layernorm.weight.*s2l convert"):
+        checkpoint_io.load_megatron_checkpoint(model, ckpt, hf_config)
+
+
 def test_convert_refuses_unsupported_architecture():
     with pytest.raises(ValueError, match="model_type='mistral'"):
         specs.model_args_from_hf({"model_type": "mistral"})

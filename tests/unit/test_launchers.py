@@ -60,13 +60,14 @@ def _gpus(command: list[str]) -> set[str]:
                                             ("run_grpo_8b.sh", "/models/Qwen3-8B-Base")])
 def test_dry_run_commands_are_consistent(script, learner):
     commands = dry_run(script, ROLLOUT_GPUS="4", SGLANG_TP="2", ROUTER_PORT="31234", REPLICA_PORT="31300",
-                       TP="2", PP="2", RECOMPUTE="full")
+                       TP="2", PP="2", RECOMPUTE="full", FP8="tensorwise")
     torchrun, cfg = _train_config(commands)
     assert _flag(torchrun, "--nproc-per-node") == "4" and _gpus(torchrun) == {"0", "1", "2", "3"}
     # SIGTERM goes to the trainer, not torchrun (it would exit 1); a torchrun that acts on it anyway waits 600 s
     assert "PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT" in torchrun
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in torchrun
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.recompute) == (2, 2, "full")
+    assert cfg.model.fp8.recipe == "tensorwise"
     assert cfg.model.path == learner and cfg.algorithm.kl_coef == 0.002  # user overrides pass through
     # the learner replica: one server per SGLANG_TP GPUs (never --dp-size: SGLang's weight-update group
     # ranks by TP rank), on the rollout GPUs, behind a router; the trainer updates every server
@@ -113,6 +114,7 @@ def test_rollout_node_and_training_nodes_agree():
     torchrun, cfg = _train_config(train)
     assert _flag(torchrun, "--nproc-per-node") == "8" and _flag(torchrun, "--node-rank") == "1"
     assert _flag(torchrun, "--master-addr") == "10.0.0.3"
+    assert cfg.model.fp8 is None  # BF16 unless FP8 is set
     replicas = _servers(rollout, cfg.model.path)
     assert cfg.rollout.learner_worker_urls == [f"http://10.0.0.2:{_flag(c, '--port')}" for c in replicas]
     assert len(replicas) == 3 and cfg.rollout.learner_url == "http://10.0.0.2:30000"

@@ -7,7 +7,8 @@ import torch
 
 from megatron_s2l.config import ConfigError
 from megatron_s2l.model import convert
-from megatron_s2l.train.learner import build_learner
+from megatron_s2l.train.batch import width_multiple
+from megatron_s2l.train.learner import build_learner, split_to
 from tests.learner_fixtures import fixed_batch, learner_config
 
 
@@ -106,6 +107,32 @@ def test_token_budget_fills_micro_batches_longest_first(learner, monkeypatch):
         assert size * width <= 48 or size == 1
 
 
+def test_token_budget_micro_batches_are_as_many_as_on_the_busiest_data_parallel_rank(learner, monkeypatch):
+    """FP8's amax reductions span the data-parallel group once per forward: every rank must run as many
+    micro-batches as the busiest one. Here the other rank (simulated) needs two more per update."""
+    from megatron_s2l.train import learner as learner_module
+
+    monkeypatch.setattr(learner.cfg.parallel, "micro_batch_tokens", 48)
+    monkeypatch.setattr(learner, "_dp_rank_size", lambda: (0, 2))
+    batch = fixed_batch(num_sequences=16, seq_len=40)
+    alone = [[m.batch for m in micro_batches] for micro_batches in learner.plan(batch)]
+    monkeypatch.setattr(learner_module, "max_over_ranks", lambda counts, group: [c + 2 for c in counts])
+    agreed = [[m.batch for m in micro_batches] for micro_batches in learner.plan(batch)]
+    assert [len(m) for m in agreed] == [len(m) + 2 for m in alone]
+    for before, after in zip(alone, agreed):  # the same rows in the same order, more finely cut
+        assert torch.cat([b.advantages for b in after]).tolist() == torch.cat([b.advantages for b in before]).tolist()
+        assert all(b.tokens.shape[1] % 8 == 0 and b.num_sequences * b.tokens.shape[1] <= 48 for b in after
+                   if b.num_sequences > 1)
+
+
+def test_split_to_cuts_the_fullest_micro_batch_in_order():
+    assert split_to([slice(0, 1), slice(1, 3), slice(3, 8)], 5) == \
+        [slice(0, 1), slice(1, 3), slice(3, 5), slice(5, 6), slice(6, 8)]
+    assert split_to([slice(0, 2)], 1) == [slice(0, 2)]
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3 micro-batches"):
+        split_to([slice(0, 1), slice(1, 2)], 3)
+
+
 def test_token_budget_needs_length_grouping():
     with pytest.raises(ConfigError, match="parallel.micro_batch_tokens.*length_grouping=true"):
         learner_config(**{"parallel.micro_batch_tokens": 64, "parallel.length_grouping": False})
@@ -116,11 +143,26 @@ def test_trimmed_cuts_or_pads_to_the_multiple():
     longest = int(batch.lengths().max())
     cut = batch.trimmed(8)
     assert cut.tokens.shape[1] == -(-longest // 8) * 8 <= 40
-    padded = batch.trimmed(48)  # e.g. sequence parallelism at TP=6 needs a multiple of lcm(8, 6) = 24
+    padded = batch.trimmed(48)  # e.g. sequence parallelism at TP=6 needs a multiple of 6 x 8
     assert padded.tokens.shape[1] == 48 and padded.response_mask.shape[1] == 48
     assert torch.equal(padded.tokens[:, :40], batch.tokens)
     assert torch.equal(padded.advantages, batch.advantages)
     assert not padded.response_mask[:, 40:].any() and padded.response_mask.sum() == batch.response_mask.sum()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_width_multiple_is_the_least_width_every_gemm_input_accepts(sequence_parallel, fp8):
+    rows_multiple = 16 if fp8 else 8  # per GEMM input: tensor cores, and TE's FP8 check
+
+    def fits(width: int, tp: int) -> bool:
+        if not sequence_parallel:
+            return width % rows_multiple == 0
+        return width % tp == 0 and (width // tp) % rows_multiple == 0  # each TP rank's slice
+
+    for tp in range(1, 9):
+        least = next(w for w in range(1, 1024) if fits(w, tp))
+        assert width_multiple(tp, sequence_parallel, fp8) == least, (tp, sequence_parallel, fp8)
 
 
 def test_length_grouping_trains_like_batch_order(mcore_world1, tmp_path):
