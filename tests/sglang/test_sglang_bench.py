@@ -1,0 +1,24 @@
+"""benchmarks/bench_pool_build.py still runs against a real SGLang server and reports what
+docs/BENCHMARKS.md quotes (no timing is asserted: speed is the benchmark's business)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.utils import run_process
+
+
+@pytest.mark.sglang
+def test_bench_pool_build_reports_both_variants_and_their_ratio():
+    done = run_process([sys.executable, "benchmarks/bench_pool_build.py", "--json", "--prompts", "8", "--samples",
+                        "2", "--chunk-size", "2", "--max-new-tokens", "16", "--in-flight", "1", "3"],
+                       "bench_pool_build", timeout=600)
+    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    one, three = report["in_flight_1"], report["in_flight_3"]
+    for variant in (one, three):
+        assert variant["tokens_per_s"] > 0 and 8 * 2 <= variant["response_tokens"] <= 8 * 2 * 16
+        assert 1 <= variant["median_length"] <= 16
+    assert report["throughput_ratio_in_flight_3"] == round(three["tokens_per_s"] / one["tokens_per_s"], 3)
