@@ -219,8 +219,23 @@ stop_training() {
     2>/dev/null || true
 }
 
-stop_servers() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+run_tracked() {  # like run, for a foreground step the EXIT trap must stop too (the pool build: a SIGTERM to
+                 # the launcher would otherwise leave it running against servers that are gone)
+  echo "+ $*"
+  if [ "$DRY_RUN" = 1 ]; then return; fi
+  "$@" &
+  PIDS+=($!)
+  wait $!
+}
+
+stop_servers() {  # also the EXIT trap: SIGTERM to what this launcher started, SIGKILL to what is left after 30 s
+  if [ "${#PIDS[@]}" = 0 ]; then return; fi
+  kill "${PIDS[@]}" 2>/dev/null || true
+  for _ in $(seq 60); do
+    kill -0 "${PIDS[@]}" 2>/dev/null || break  # until none is left (so their GPUs are free when we exit)
+    sleep 0.5
+  done
+  kill -KILL "${PIDS[@]}" 2>/dev/null || true
   PIDS=()
 }
 trap stop_servers EXIT
@@ -235,7 +250,7 @@ start_rollout_side() {  # steps 1-3 of the header; $@: the trainer's overrides (
      && ! pool_complete; then
     spawn_server explorer "$EXPLORER_PORT" "$EXPLORER" "$FIRST_ROLLOUT_GPU" "$ROLLOUT_GPUS" 1
     wait_started
-    run $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"
+    run_tracked $S2L pool build --config "$CONFIG" --explorer-url "http://127.0.0.1:$EXPLORER_PORT" "$@"
     stop_servers
   fi
   # the explorer, every replica and the router start at once; the router waits for the replicas

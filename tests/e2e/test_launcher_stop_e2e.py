@@ -1,12 +1,14 @@
 """Stopping a launched run: a SIGTERM to the launcher alone (docker stop, kill) or to every process of the job
 (Slurm's time limit and scancel signal every process of a step) ends the real torchrun trainer with a
 checkpoint, and the launcher exits only after it. The rollout side is a stand-in that answers /health; the
-trainer samples in-process (rollout.engine=local)."""
+trainer samples in-process (rollout.engine=local). A SIGTERM during the explorer pool build stops the build
+and the explorer server before the launcher exits."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import signal
 import subprocess
 import sys
@@ -78,3 +80,59 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
     assert state["step"] == steps[-1] < 50 and f"latest checkpoint: {checkpoints[-1]}" in out, out[-3000:]
     # torchrun ignored the signal: its ranks stopped cleanly, so it (and the launcher) exit 0, no traceback
     assert launcher.returncode == 0 and "SignalException" not in out, out[-3000:]
+
+
+STAND_IN_SERVER = """
+import http.server, pathlib, sys, time
+port, seen = int(sys.argv[sys.argv.index("--port") + 1]), pathlib.Path(sys.argv[-1])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        if self.path == "/health":
+            self.send_response(200); self.end_headers(); return
+        seen.write_text(self.path)  # a request of the pool build: never answered
+        time.sleep(3600)
+    do_GET = do_POST = answer
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def _processes_naming(text: str) -> list[psutil.Process]:
+    return [proc for proc in psutil.process_iter(["cmdline", "status"])
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_pool_build_stops_the_build_and_the_explorer_server(toy_world, tmp_path):
+    """The launcher stops what it started and waits for it: neither the build nor the server outlives it."""
+    seen = tmp_path / "pool_build_asked"
+    (tmp_path / "server.py").write_text(STAND_IN_SERVER)
+    fake_python = tmp_path / "sglang_python"  # `$SGLANG_PYTHON -m sglang.launch_server ... --port P ...`
+    fake_python.write_text(f'#!/bin/bash\nexec {sys.executable} {tmp_path / "server.py"} "$@" {seen}\n')
+    fake_python.chmod(fake_python.stat().st_mode | stat.S_IXUSR)
+    pool = tmp_path / "pool"
+    env = {**subprocess_env(), "GPUS_PER_NODE": "2", "ROLLOUT_GPUS": "1", "EXPLORER_PORT": str(free_port()),
+           "CONFIG": str(TINY_CONFIG), "LEARNER": toy_world["learner"], "EXPLORER": toy_world["explorer"],
+           "DATA": toy_world["train"], "POOL": str(pool), "RUN_DIR": str(tmp_path / "run"),
+           "PYTHON": sys.executable, "SGLANG_PYTHON": str(fake_python), "STARTUP_MINUTES": "2"}
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out_file:
+        overrides = toy_overrides(toy_world, **{"explorer.pool_path": pool})
+        launcher = subprocess.Popen(["bash", "examples/run_s2l_8b.sh", *overrides], cwd=REPO, env=env,
+                                    stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not seen.exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        left = _processes_naming(str(pool)) + _processes_naming(str(seen))  # the build; the explorer server
+    finally:
+        for proc in _processes_naming(str(tmp_path)):
+            proc.kill()
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert "pool build" in out and not left, f"left running: {[p.info['cmdline'][:4] for p in left]}\n{out[-3000:]}"
+    assert launcher.returncode != 0  # stopped, not finished: no training started
+    assert "megatron_s2l.cli train" not in out.split("pool build", 1)[1], out[-3000:]
