@@ -94,7 +94,7 @@ class Learner:
 
     def plan(self, batch: TrainBatch) -> list[list[MicroBatch]]:
         """Mini-batches -> this DP rank's rows -> micro-batches (on the model's device), with global
-        reduction weights."""
+        reduction weights. Collective over data-parallel ranks with a token budget (same micro-batch counts)."""
         parallel = self.cfg.parallel
         num_mini = self.cfg.optimizer.mini_batches_per_step
         dp_rank, dp_size = self._dp_rank_size()
@@ -108,21 +108,21 @@ class Learner:
         config = convert.unwrap(self.model).config
         multiple = width_multiple(parallel.tp, config.sequence_parallel, bool(config.fp8))
         batch = batch.trimmed(multiple)
-        locals_, micro_rows = [], []
+        rank_minis, micro_rows = [], []
         for m in range(num_mini):
             mini = batch.select(slice(m * rows_per_mini, (m + 1) * rows_per_mini))
             mini.weights = reduction_weights(
                 mini.response_mask, self.cfg.algorithm.reduction, mini.num_sequences,
                 mini.num_response_tokens, self.cfg.rollout.max_response_length)
-            locals_.append(mini.select(self._rows_of_rank(mini, dp_rank, dp_size)))
-            micro_rows.append(self._micro_batch_rows(locals_[-1], multiple))
+            rank_minis.append(mini.select(self._rows_of_rank(mini, dp_rank, dp_size)))
+            micro_rows.append(self._micro_batch_rows(rank_minis[-1], multiple))
         if parallel.micro_batch_tokens and dp_size > 1:  # only a token budget gives ranks different counts
             from megatron.core import parallel_state
 
             counts = max_over_ranks([len(rows) for rows in micro_rows], parallel_state.get_data_parallel_group_gloo())
             micro_rows = [split_to(rows, int(count)) for rows, count in zip(micro_rows, counts)]
         plan = []
-        for local, rows in zip(locals_, micro_rows):
+        for local, rows in zip(rank_minis, micro_rows):
             micro = [local.select(r) for r in rows]
             if parallel.length_grouping:
                 micro = [b.trimmed(multiple) for b in micro]
