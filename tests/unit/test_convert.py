@@ -123,8 +123,8 @@ def _rewrite_without(ckpt_dir, model, dropped) -> None:
 
 def test_checkpoint_from_another_layer_implementation_loads_without_extra_state(mcore_world1, tiny_qwen3,
                                                                                  tmp_path):
-    """TE layers keep FP8 metadata in `_extra_state` where local layers keep none (or other modules'): a
-    checkpoint converted on CPU must load into the GPU model, and one missing a weight must not."""
+    """TE modules keep `_extra_state` (FP8 metadata) that local modules lack: a checkpoint converted on CPU
+    must load into the GPU model (simulated: a checkpoint without any), and one missing a weight must not."""
     source, args = _megatron_from_hf(tiny_qwen3)
     hf_config = specs.load_hf_config(tiny_qwen3)
     ckpt = checkpoint_io.convert_hf_to_megatron(tiny_qwen3, tmp_path / "mcore", FP32, ParallelConfig())
