@@ -47,7 +47,7 @@ fi
 : "${SGLANG_MEM_FRACTION:=0.85}"
 : "${SGLANG_EXTRA_ARGS:=}"        # more sglang.launch_server arguments for every server
 : "${ROUTER_EXTRA_ARGS:=}"        # more sglang_router.launch_router arguments
-: "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk | tensor (colocated only)
+: "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool unless POOL holds a complete one; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
 : "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
@@ -77,6 +77,12 @@ done
 
 fail() { echo "error: $*" >&2; exit 2; }
 case "$ROLE" in all|rollout|train) ;; *) fail "ROLE=$ROLE: use all, rollout or train" ;; esac
+case "$WEIGHT_SYNC" in
+  distributed|disk) ;;
+  tensor) fail "WEIGHT_SYNC=tensor passes CUDA memory handles, so the SGLang server must run on the trainer's own" \
+               "GPU; these launchers give them separate GPUs: use WEIGHT_SYNC=distributed (or disk)" ;;
+  *) fail "WEIGHT_SYNC=$WEIGHT_SYNC: use distributed or disk" ;;
+esac
 [ "$ROLLOUT_GPUS" -le "$GPUS_PER_NODE" ] || fail "ROLLOUT_GPUS=$ROLLOUT_GPUS > GPUS_PER_NODE=$GPUS_PER_NODE"
 IFS=, read -ra ROLLOUT_NODES <<< "$ROLLOUT_ADDR"
 ROLLOUT_HEAD=${ROLLOUT_NODES[0]}  # hosts the router, the online explorer and the pool build

@@ -105,7 +105,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _vocab_segments(num_tokens: int, vocab: int, device: torch.device) -> int:
     """How many vocabulary segments the forward splits into: enough programs for ~4 per SM."""
-    token_blocks = triton.cdiv(num_tokens, BLOCKS["BT"])
+    token_blocks = max(1, triton.cdiv(num_tokens, BLOCKS["BT"]))  # a micro-batch may score no token
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     return max(1, min(triton.cdiv(vocab, BLOCKS["BV"]), triton.cdiv(4 * sms, token_blocks)))
 

@@ -208,7 +208,6 @@ class Learner:
         """Model FLOPs of this step's log-prob passes and update on `batch`, over all ranks."""
         return perf.update_flops(self.args, batch, reference=self.ref_model is not None)
 
-    @torch.no_grad()
     def compute_logprobs(self, plan: list[list[MicroBatch]], reference: bool = False) -> None:
         """Forward-only pass: fill `old_logprobs` (actor) or `ref_logprobs` (reference) of every
         micro-batch in the plan (on the last pipeline stage; other stages only relay activations)."""
@@ -217,13 +216,14 @@ class Learner:
 
         def collect(chunk, micro, hidden):
             logprobs, _ = self._token_logprobs(chunk, hidden, micro.batch)
-            setattr(micro.batch, field, logprobs)
+            setattr(micro.batch, field, logprobs.detach())
             return logprobs.new_zeros(()), {}
 
         was_training = model.training
         model.eval()
-        for micro_batches in plan:
-            self._run_schedule(model, micro_batches, collect, forward_only=True)
+        with torch.enable_grad() if needs_autograd_for_fp8_scales(convert.unwrap(model).config) else torch.no_grad():
+            for micro_batches in plan:
+                self._run_schedule(model, micro_batches, collect, forward_only=True)
         model.train(was_training)
 
     def train_step(self, plan: list[list[MicroBatch]]) -> dict[str, float]:
@@ -294,6 +294,13 @@ class Learner:
         self.scheduler.step(increment=1)
         self.num_updates += 1
         return grad_norm, True
+
+
+def needs_autograd_for_fp8_scales(config) -> bool:
+    """Whether forward-only passes must run with autograd on (nothing is backpropagated): with delayed FP8
+    scaling, Transformer Engine updates its scaling factors only when it does, and the frozen reference
+    model never trains, so under no_grad its factors would stay at their initial 1.0 for good."""
+    return bool(config.fp8) and config.fp8_recipe == "delayed"
 
 
 def split_to(micro_rows: list[slice], count: int) -> list[slice]:

@@ -237,6 +237,7 @@ def test_a_server_that_dies_while_others_load_stops_the_launch_at_once(tmp_path)
     (dict(ROLE="sideways"), "ROLE=sideways: use all, rollout or train"),
     (dict(ROLLOUT_GPUS="3", SGLANG_TP="2"), "rollout node 0 has 3 GPUs"),
     (dict(ROLLOUT_GPUS="8"), "node 0 has no GPUs left to train"),
+    (dict(WEIGHT_SYNC="tensor"), "the SGLang server must run on the trainer's own GPU"),
 ])
 def test_bad_layouts_are_refused_with_the_fix(env, message):
     result = launcher("run_s2l_8b.sh", **env)

@@ -133,6 +133,28 @@ def test_split_to_cuts_the_fullest_micro_batch_in_order():
         split_to([slice(0, 1), slice(1, 2)], 3)
 
 
+def test_logprob_passes_run_with_autograd_under_delayed_fp8_and_give_the_same_detached_values(learner,
+                                                                                            monkeypatch):
+    """Transformer Engine updates delayed FP8 scales only with autograd on; the pass must still backpropagate
+    nothing and return plain tensors. (FP8 itself needs a GPU: here the switch is forced on the CPU model.)"""
+    from types import SimpleNamespace
+
+    from megatron_s2l.train import learner as learner_module
+
+    assert learner_module.needs_autograd_for_fp8_scales(SimpleNamespace(fp8="hybrid", fp8_recipe="delayed"))
+    assert not learner_module.needs_autograd_for_fp8_scales(SimpleNamespace(fp8="hybrid", fp8_recipe="tensorwise"))
+    assert not learner_module.needs_autograd_for_fp8_scales(convert.unwrap(learner.model).config)  # BF16/fp32
+    plan = learner.plan(fixed_batch())
+    learner.compute_logprobs(plan)
+    expected = [m.batch.old_logprobs.clone() for mini in plan for m in mini]
+    monkeypatch.setattr(learner_module, "needs_autograd_for_fp8_scales", lambda config: True)
+    learner.model.zero_grad_buffer()
+    learner.compute_logprobs(plan)
+    actual = [m.batch.old_logprobs for mini in plan for m in mini]
+    assert all(not a.requires_grad and torch.equal(a, e) for a, e in zip(actual, expected))
+    assert all(p.main_grad.abs().sum() == 0 for p in learner.model.parameters())  # nothing backpropagated
+
+
 def test_token_budget_needs_length_grouping():
     with pytest.raises(ConfigError, match="parallel.micro_batch_tokens.*length_grouping=true"):
         learner_config(**{"parallel.micro_batch_tokens": 64, "parallel.length_grouping": False})

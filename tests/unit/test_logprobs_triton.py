@@ -18,6 +18,7 @@ from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from tests.unit.test_logprobs import assert_close_relative, make_case, reference
 # tile-unaligned sizes, vocabulary padding, a temperature; the vocabulary in one segment or split in three
 # (the last one empty: 150 rows = 2 tiles), the backward in one chunk or in three
+original_segments = logprobs_triton._vocab_segments
 for temperature, tokens, segments, chunk in ((1.0, 70, 1, 1024), (0.7, 33, 3, 16)):
     logprobs_triton._vocab_segments = lambda *shape, n=segments: n
     case = make_case(tokens=tokens, hidden=80, vocab=150, padded=160, temperature=temperature)
@@ -30,6 +31,13 @@ for temperature, tokens, segments, chunk in ((1.0, 70, 1, 1024), (0.7, 33, 3, 16
     for actual, name in ((logprobs, "logprobs"), (entropy, "entropy"), (hidden.grad, "grad_hidden"),
                          (weight.grad, "grad_weight")):
         assert_close_relative(actual, expected[name])
+logprobs_triton._vocab_segments = original_segments  # a micro-batch that scores no token at all
+import torch
+hidden, weight = torch.zeros(0, 80, requires_grad=True), torch.randn(160, 80, requires_grad=True)
+logprobs, entropy = vocab_parallel_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), temperature=1.0,
+                                            vocab_size=150, impl="triton")
+(logprobs.sum() + entropy.sum()).backward()
+assert logprobs.shape == entropy.shape == (0,) and not weight.grad.any()
 print("ok")
 """
 
