@@ -152,6 +152,12 @@ def run_process(cmd: list[str], what: str, timeout: int, check: bool = True, env
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> dict:
+    """Run benchmarks/SCRIPT --json ARGS and return the JSON line it ends with."""
+    done = run_process([sys.executable, f"benchmarks/{script}", "--json", *args], script, timeout=timeout)
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
 def run_torchrun(script: str | Path, nproc: int, args: list[str] = (), timeout: int = 600,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `script` under torchrun on a free port; kill on timeout."""

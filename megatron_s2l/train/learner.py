@@ -221,7 +221,7 @@ class Learner:
 
         was_training = model.training
         model.eval()
-        with torch.enable_grad() if needs_autograd_for_fp8_scales(convert.unwrap(model).config) else torch.no_grad():
+        with torch.set_grad_enabled(needs_autograd_for_fp8_scales(convert.unwrap(model).config)):
             for micro_batches in plan:
                 self._run_schedule(model, micro_batches, collect, forward_only=True)
         model.train(was_training)

@@ -20,13 +20,15 @@ import pytest
 from tests.utils import REPO, TINY_CONFIG, free_port, read_rows, subprocess_env, toy_overrides
 
 
+def _processes_naming(text: str) -> list[psutil.Process]:
+    """Live processes with `text` in an argument of their command line."""
+    return [proc for proc in psutil.process_iter(["cmdline", "status"])
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.info["cmdline"] or [])]
+
+
 def _trainer_processes(run_dir) -> list[psutil.Process]:
     """torchrun and its ranks (their command lines name the run directory)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and f"logging.run_dir={run_dir}" in (proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
+    return _processes_naming(f"logging.run_dir={run_dir}")
 
 
 @pytest.mark.slow
@@ -94,11 +96,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = answer
 http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
-
-
-def _processes_naming(text: str) -> list[psutil.Process]:
-    return [proc for proc in psutil.process_iter(["cmdline", "status"])
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.info["cmdline"] or [])]
 
 
 @pytest.mark.slow

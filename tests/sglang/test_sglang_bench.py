@@ -3,20 +3,15 @@ docs/BENCHMARKS.md quotes (no timing is asserted: speed is the benchmark's busin
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
-from tests.utils import run_process
+from tests.utils import run_benchmark
 
 
 @pytest.mark.sglang
 def test_bench_pool_build_reports_both_variants_and_their_ratio():
-    done = run_process([sys.executable, "benchmarks/bench_pool_build.py", "--json", "--prompts", "8", "--samples",
-                        "2", "--chunk-size", "2", "--max-new-tokens", "16", "--in-flight", "1", "3"],
-                       "bench_pool_build", timeout=600)
-    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    report = run_benchmark("bench_pool_build.py", "--prompts", "8", "--samples", "2", "--chunk-size", "2",
+                           "--max-new-tokens", "16", "--in-flight", "1", "3")
     one, three = report["in_flight_1"], report["in_flight_3"]
     for variant in (one, three):
         assert variant["tokens_per_s"] > 0 and 8 * 2 <= variant["response_tokens"] <= 8 * 2 * 16

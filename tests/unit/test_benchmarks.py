@@ -3,23 +3,17 @@ so a GPU session spends its minutes measuring, not debugging. No timing is asser
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.utils import REPO, run_process
-
-
-def _bench(script: str, *args: str) -> dict:
-    done = run_process([sys.executable, f"benchmarks/{script}", "--json", *args], script, timeout=600)
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+from tests.utils import REPO, run_benchmark
 
 
 def test_bench_logprobs_reports_both_variants_and_ratios():
-    report = _bench("bench_logprobs.py", "--device", "cpu", "--tokens", "256", "--hidden", "64", "--vocab", "4096",
-                    "--tp", "2", "--chunk-size", "64", "--repeats", "1", "--threads", "1")
+    report = run_benchmark("bench_logprobs.py", "--device", "cpu", "--tokens", "256", "--hidden", "64", "--vocab",
+                           "4096", "--tp", "2", "--chunk-size", "64", "--repeats", "1", "--threads", "1")
     assert report["shape"]["vocab_per_rank"] == 2048
     for variant in ("materialized", "fused"):
         assert report[variant]["seconds"] > 0 and report[variant]["peak_bytes"] >= 1
@@ -27,8 +21,8 @@ def test_bench_logprobs_reports_both_variants_and_ratios():
 
 
 def test_bench_grpo_update_runs_the_learner_update_with_and_without_length_grouping():
-    report = _bench("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1", "--lengths", "longtail",
-                    "--micro-batch-tokens", "128")
+    report = run_benchmark("bench_grpo_update.py", "--shape", "tiny", "--repeats", "1", "--lengths", "longtail",
+                           "--micro-batch-tokens", "128")
     assert report["shape"] == "tiny" and report["sequences"] * report["seq_len"] == 8 * 64
     grouped, batch_order = report["bf16"], report["bf16_batch_order"]
     assert grouped["length_grouping"] and not batch_order["length_grouping"]
@@ -41,7 +35,7 @@ def test_bench_grpo_update_runs_the_learner_update_with_and_without_length_group
 
 
 def test_bench_activation_memory_keeps_the_loss_and_saves_fewer_activations():
-    report = _bench("bench_activation_memory.py", "--tp", "2", "--sequences", "2", "--seq-len", "64")
+    report = run_benchmark("bench_activation_memory.py", "--tp", "2", "--sequences", "2", "--seq-len", "64")
     off, on, recompute = report["sp_off"], report["sp_on"], report["sp_on_recompute"]
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-5) == recompute["loss"]
     # sequence parallelism: norms and residuals hold 1/TP; recompute: only each layer's input is kept
