@@ -14,7 +14,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
 
 # The rollout side lives in its own virtualenv: SGLang 0.5.23 pins torch 2.14.1 and its own kernels,
 # while the learner uses the container's torch/TE/apex build. The servers are separate processes
-# anyway; they talk to the learner over HTTP and NCCL. PIP_CONSTRAINT is cleared for this venv only: the
+# anyway; they talk to the learner over HTTP and NCCL (the launchers make both sides load one NCCL version:
+# examples/lib/launch.sh, NCCL_ALIGN). PIP_CONSTRAINT is cleared for this venv only: the
 # image's constraint file pins its own torch build, which SGLang's torch would conflict with. The stamp
 # file marks the venv complete (megatron_s2l.rollout.sglang_launch looks for it).
 RUN python -m venv /opt/sglang && \

@@ -17,6 +17,7 @@
 #      do: SGLang ranks a weight-update group by TP rank only, so its DP replicas would collide.)
 #   2 and 3 start side by side, and training starts when all of them answer.
 
+LAUNCH_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [ "${ROLE:-}" = train ] && [ -z "${ROLLOUT_ADDR:-}" ]; then
   echo "error: ROLE=train needs ROLLOUT_ADDR, the address of the node running ROLE=rollout" >&2; exit 2
 fi
@@ -48,6 +49,8 @@ fi
 : "${SGLANG_EXTRA_ARGS:=}"        # more sglang.launch_server arguments for every server
 : "${ROUTER_EXTRA_ARGS:=}"        # more sglang_router.launch_router arguments
 : "${WEIGHT_SYNC:=distributed}"   # distributed (NCCL broadcast) | disk
+: "${NCCL_ALIGN:=1}"              # WEIGHT_SYNC=distributed: where the trainer's torch and the servers' load
+                                  # different NCCL versions, both load the newer one (LD_PRELOAD); 0: leave them
 : "${BUILD_POOL:=auto}"           # auto: build the explorer pool unless POOL holds a complete one; 0: never
 : "${STARTUP_MINUTES:=15}"        # how long to wait for a server to answer
 : "${REQUEST_TIMEOUT_S:=3600}"    # one generate request, queueing behind the step's others (trainer and router)
@@ -182,8 +185,45 @@ spawn_server() {  # spawn_server NAME PORT MODEL FIRST_GPU NUM_GPUS TP (--sleep-
                   # would spin a CPU core; the replica idles through every training phase)
   local name=$1 port=$2 model=$3 first=$4 count=$5 tp=$6
   spawn "$name" "http://127.0.0.1:$port/health" env CUDA_VISIBLE_DEVICES="$(gpus "$first" "$count")" \
-    "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 --port "$port" --tp "$tp" \
-    --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" --sleep-on-idle $SGLANG_EXTRA_ARGS
+    "${SERVER_ENV[@]}" "$SGLANG_PYTHON" -m sglang.launch_server --model-path "$model" --host 0.0.0.0 \
+    --port "$port" --tp "$tp" --dp-size $((count / tp)) --mem-fraction-static "$SGLANG_MEM_FRACTION" \
+    --sleep-on-idle $SGLANG_EXTRA_ARGS
+}
+
+# The weight broadcast puts the trainer and the servers in one NCCL group, and NCCL refuses a peer of another
+# version ("Mismatched NCCL version"). The servers' torch comes from SGLang's pins, the trainer's from the
+# container, so their NCCL versions can differ: then both load the newer one. It serves a torch built against the
+# older one too; the other way round fails (torch 2.14 with NCCL 2.28: "undefined symbol: ncclCommResume").
+TRAINER_ENV=() SERVER_ENV=()  # env assignments for the trainer's and the servers' commands
+
+nccl_of() {  # nccl_of PYTHON [PRELOAD]: "VERSION LIBRARY" of the NCCL that PYTHON's torch loads; nothing if none
+  local line
+  line=$(LD_PRELOAD="${2:-${LD_PRELOAD:-}}" timeout 120 "$1" "$LAUNCH_LIB/nccl_probe.py" 2>/dev/null | grep '^nccl ') \
+    || return 0
+  echo "${line#nccl }"
+}
+
+align_nccl() {  # sets TRAINER_ENV or SERVER_ENV so that both sides of the weight broadcast load one NCCL
+  if [ "$WEIGHT_SYNC" != distributed ] || [ "$NCCL_ALIGN" = 0 ]; then return; fi
+  local ours ours_lib theirs theirs_lib newer lib python check
+  read -r ours ours_lib <<< "$(nccl_of "$PYTHON")"
+  read -r theirs theirs_lib <<< "$(nccl_of "$SGLANG_PYTHON")"
+  if [ -z "$ours" ] || [ -z "$theirs" ] || [ "$ours" = "$theirs" ]; then return; fi  # a side without NCCL: a CPU run
+  newer=$(printf '%s\n' "$ours" "$theirs" | sort -V | tail -n 1)
+  if [ "$newer" = "$theirs" ]; then lib=$theirs_lib python=$PYTHON; else lib=$ours_lib python=$SGLANG_PYTHON; fi
+  if [ "$lib" != - ]; then read -r check _ <<< "$(nccl_of "$python" "$lib")"; fi
+  if [ "$lib" = - ] || [ "${check:-}" != "$newer" ]; then
+    fail "the trainer's torch ($PYTHON) loads NCCL $ours and the SGLang servers' ($SGLANG_PYTHON) NCCL $theirs;" \
+         "NCCL refuses to connect two versions, and LD_PRELOAD could not give $python NCCL $newer. Install one" \
+         "NCCL version for both, or use WEIGHT_SYNC=disk"
+  fi
+  echo "note: the trainer's torch loads NCCL $ours and the SGLang servers' $theirs; both load $newer ($lib) for" \
+       "the weight broadcast (NCCL_ALIGN=0: leave them)" >&2
+  if [ "$python" = "$PYTHON" ]; then
+    TRAINER_ENV=("LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}")
+  else
+    SERVER_ENV=("LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}")
+  fi
 }
 
 run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM to this launcher goes on to the
@@ -296,6 +336,7 @@ launch() {
   if [ -n "$FP8" ]; then overrides+=("model.fp8.recipe=$FP8"); fi
   overrides+=("${EXTRA_OVERRIDES[@]}")
 
+  align_nccl
   if [ "$SERVES_ROLLOUTS" = 1 ]; then start_rollout_side "${overrides[@]}"; fi
   if [ "$ROLE" = rollout ]; then
     echo "rollout node $ROLLOUT_RANK up: $NUM_REPLICAS learner-replica servers (the job's learner replica:" \
@@ -308,7 +349,7 @@ launch() {
     if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
   run_training env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
-    PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT \
+    PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT "${TRAINER_ENV[@]}" \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"

@@ -1,9 +1,12 @@
 """examples/run_s2l_8b.sh for real, on CPU: the launcher starts a frozen explorer server, two learner-replica
 servers behind sglang-router and torchrun; training updates both replicas every step through one
-distributed (gloo) group; when training ends the launcher stops every server."""
+distributed (gloo) group; when training ends the launcher stops every server. And the launcher's NCCL probe on
+SGLang's real torch build."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -48,3 +51,18 @@ def test_launcher_runs_explorer_two_routed_replicas_and_torchrun(toy_world, tmp_
         assert (run_dir / f"{name}.log").stat().st_size > 0
     stopped = [replica_port, replica_port + 1, ports["ROUTER_PORT"], ports["EXPLORER_PORT"]]
     assert wait_for(lambda: all(map(port_is_free, stopped)), 30), "a server outlived the launcher"
+
+
+def test_the_launchers_nccl_probe_reads_the_library_sglangs_torch_loads():
+    """The probe examples/lib/launch.sh aligns NCCL versions with, on SGLang's real (CUDA) torch build."""
+    python = str(sglang_launch.sglang_python())
+    pinned = subprocess.run([python, "-c", "import importlib.metadata as m; print(*[d.version for d in "
+                             "m.distributions() if d.metadata['Name'].startswith('nvidia-nccl')])"],
+                            capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    for preload in ("", "/nonexistent/libnccl.so.2"):  # a preload that fails leaves torch's own NCCL
+        probe = subprocess.run([python, "examples/lib/nccl_probe.py"], cwd=REPO, capture_output=True, text=True,
+                               timeout=120, env={**os.environ, "LD_PRELOAD": preload})
+        assert probe.returncode == 0, probe.stderr
+        word, version, library = probe.stdout.split()
+        assert (word, [version]) == ("nccl", pinned)  # the version SGLang's torch pins (no GPU needed)
+        assert library.endswith("/nvidia/nccl/lib/libnccl.so.2") and os.path.exists(library)

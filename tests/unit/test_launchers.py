@@ -164,6 +164,67 @@ def test_training_nodes_wait_for_the_rollout_side_then_start_torchrun(tmp_path):
     assert "-m torch.distributed.run --nnodes 1" in started.stdout.splitlines()[-1]
 
 
+FAKE_TORCH_PYTHON = """
+# stands in for a python whose torch loads NCCL VERSION from LIB, answering the launcher's NCCL probe; a
+# preloaded libnccl-X.so replaces it unless the build ignores LD_PRELOAD (as one with NCCL linked in would)
+import os, re
+version, lib, ignores_preload = {version!r}, {lib!r}, {ignores_preload!r}
+preloaded = re.search(r"\\S*libnccl-([0-9.]+)\\.so", os.environ.get("LD_PRELOAD", ""))
+if preloaded and not ignores_preload:
+    version, lib = preloaded.group(1), preloaded.group(0)
+print("nccl", version, lib)
+"""
+
+
+def _fake_torch_python(path, version: str, ignores_preload: bool = False) -> str:
+    lib = f"{path}-lib/libnccl-{version}.so"
+    path.write_text(f"#!{sys.executable}" + FAKE_TORCH_PYTHON.format(version=version, lib=lib,
+                                                                     ignores_preload=ignores_preload))
+    path.chmod(0o755)
+    return lib
+
+
+def _preloads(commands: list[list[str]]) -> tuple[set[str], set[str]]:
+    """LD_PRELOAD values of the torchrun command and of the SGLang servers."""
+    def preload(command):
+        return next((arg.removeprefix("LD_PRELOAD=") for arg in command if arg.startswith("LD_PRELOAD=")), "")
+    return ({preload(c) for c in commands if "torch.distributed.run" in c},
+            {preload(c) for c in commands if "sglang.launch_server" in c})
+
+
+@pytest.mark.parametrize("trainer,servers", [("2.27.7", "2.30.7"), ("2.30.7", "2.27.7"), ("2.30.7", "2.30.7")])
+def test_the_trainer_and_the_servers_load_the_newer_of_their_nccl_versions(tmp_path, trainer, servers):
+    trainer_lib = _fake_torch_python(tmp_path / "trainer_python", trainer)
+    server_lib = _fake_torch_python(tmp_path / "sglang_python", servers)
+    result = launcher("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
+                      SGLANG_PYTHON=str(tmp_path / "sglang_python"))
+    assert result.returncode == 0, result.stderr
+    commands = dry_run("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
+                       SGLANG_PYTHON=str(tmp_path / "sglang_python"))
+    if trainer < servers:
+        assert _preloads(commands) == ({server_lib}, {""})
+        assert f"NCCL {trainer} and the SGLang servers' {servers}; both load {servers}" in result.stderr
+    elif trainer > servers:
+        assert _preloads(commands) == ({""}, {trainer_lib})
+    else:
+        assert _preloads(commands) == ({""}, {""}) and "NCCL" not in result.stderr
+    # disk sync, or NCCL_ALIGN=0, leaves them alone
+    for env in ({"WEIGHT_SYNC": "disk"}, {"NCCL_ALIGN": "0"}):
+        assert _preloads(dry_run("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
+                                 SGLANG_PYTHON=str(tmp_path / "sglang_python"), **env)) == ({""}, {""})
+
+
+def test_nccl_versions_that_cannot_be_aligned_stop_the_launch_with_the_fix(tmp_path):
+    _fake_torch_python(tmp_path / "trainer_python", "2.27.7", ignores_preload=True)
+    _fake_torch_python(tmp_path / "sglang_python", "2.30.7")
+    result = launcher("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
+                      SGLANG_PYTHON=str(tmp_path / "sglang_python"))
+    assert result.returncode == 2, result.stderr
+    assert "loads NCCL 2.27.7 and the SGLang servers'" in result.stderr
+    assert "Install one NCCL version for both, or use WEIGHT_SYNC=disk" in result.stderr
+    assert "+ " not in result.stdout  # nothing was started
+
+
 FAKE_SGLANG = """
 # stands in for SGLang's python: notes its start, "loads" for LOAD_S seconds (or crashes at once on
 # CRASH_PORT), then answers every GET with 200
