@@ -269,11 +269,14 @@ class BroadcastGroup:
     def __init__(self, name: str, backend: str, world_size: int, store: dist.TCPStore, pg: Any):
         self.name, self.backend, self.world_size = name, backend, world_size
         self._store, self._pg = store, pg  # the store must outlive the group
+        self._aborted = threading.Event()
 
     @classmethod
     def create(cls, name: str, backend: str, port: int, world_size: int, timeout_s: float
                ) -> "BroadcastGroup":
-        """Blocks until every server rank has joined (call it while the init requests are in flight)."""
+        """Blocks until every server rank has joined (call it while the init requests are in flight).
+        Give it a longer timeout than the servers' requests: a failed request then ends a broadcast through
+        abort() before NCCL's watchdog, at this timeout, takes the whole process down."""
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore("0.0.0.0", port, world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
@@ -290,11 +293,33 @@ class BroadcastGroup:
         return cls(name, backend, world_size, store, pg)
 
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
-        """Send each tensor from rank 0, in the order the servers were told (blocking)."""
+        """Send each tensor from rank 0, in the order the servers were told; returns once all are sent, or
+        once the backend has let go of them after abort().
+
+        Polls instead of calling ``work.wait()`` early: on NCCL that makes this thread's current stream (the
+        device's default stream, which the trainer computes on) wait for the broadcast, so one a failed server
+        never finishes would stall the trainer's next kernels, the checkpoint save on failure included. After
+        abort() it still waits (NCCL: at once; gloo: until its timeout), holding the group: whichever thread
+        drops a group with an operation in flight blocks until that ends.
+        """
+        works = []
         for tensor in tensors:
             options = dist.BroadcastOptions()
             options.rootRank, options.rootTensor = 0, 0
-            self._pg.broadcast([tensor], options).wait()
+            works.append(self._pg.broadcast([tensor], options))
+        while not all(work.is_completed() for work in works):
+            self._aborted.wait(0.002)
+        if not self._aborted.is_set():
+            for work in works:
+                work.wait()  # raises the error of one that failed; all have completed, so nothing waits
+
+    def abort(self) -> None:
+        """End the group's broadcast in progress: the servers will not finish it (one failed)."""
+        self._aborted.set()
+        try:
+            self._pg.abort()  # NCCL: frees the kernel waiting for peers that are gone
+        except RuntimeError as exc:  # a backend without abort; its operation ends at the group's timeout
+            logger.debug("weight-update group %s: abort: %s", self.name, exc)
 
 
 async def _alongside(blocking: Callable[[], Any], requests: list[asyncio.Task]) -> Any:
@@ -468,6 +493,7 @@ class SGLangEngine:
         try:  # the servers post their receives when the request arrives; we send meanwhile
             await _alongside(lambda: group.broadcast(tensors), requests)
         except BaseException:
+            group.abort()
             self._group = None  # out of step with the servers now; the next update builds a new group
             raise
 
@@ -485,7 +511,7 @@ class SGLangEngine:
             timeout_s=self.update_timeout_s, idempotent=False))
             for url, offset in zip(self.worker_urls, offsets)]
         group = await _alongside(lambda: BroadcastGroup.create(name, self.group_backend, port, world_size,
-                                                               self.update_timeout_s), requests)
+                                                               2 * self.update_timeout_s), requests)
         logger.info("%s: weight-update group %s (%s, world %d) on %s:%d", self.name, name, self.group_backend,
                     world_size, self.master_address, port)
         return group

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import datetime
 import json
 import pickle
 import re
@@ -16,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_s2l.platform import free_port
 from megatron_s2l.rollout import sglang_launch
@@ -29,7 +31,7 @@ from megatron_s2l.rollout.sglang import (
     sampling_params_body,
 )
 from megatron_s2l.rollout.types import SamplingParams
-from tests.utils import shared_dir
+from tests.utils import shared_dir, wait_for
 
 REF = shared_dir() / "reference" / "sglang-0.5.23"
 
@@ -291,10 +293,63 @@ def test_a_server_refusing_the_broadcast_group_is_reported_at_once():
         assert time.monotonic() - start < 3  # not after the group's 5 s rendezvous timeout
     body = fake.received[-1][3]
     assert (body["rank_offset"], body["world_size"], body["backend"]) == (1, 2, "gloo")
-    # The abandoned rendezvous ends at its own timeout; let it, or a process that exits while gloo still
-    # waits in C++ aborts ("terminate called without an active exception").
-    for thread in [t for t in threading.enumerate() if t.name == "s2l-weight-collective"]:
-        thread.join(timeout=10)
+    # The abandoned rendezvous ends at its own timeout (twice the request's); let it, or a process that exits
+    # while gloo still waits in C++ aborts ("terminate called without an active exception").
+    for thread in _collective_threads():
+        thread.join(timeout=15)
+
+
+def _collective_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "s2l-weight-collective"]
+
+
+class GlooServerRanks:
+    """The server side of the distributed update, as SGLang does it: join the group on /init_weights_update_group
+    (its key space), receive each bucket on /update_weights_from_distributed. ``refuse`` buckets fail unreceived."""
+
+    def __init__(self, refuse: int = 0):
+        self.groups, self.received, self.refuse = [], [], refuse
+
+    def join(self, body):
+        timeout = datetime.timedelta(seconds=10)
+        store = dist.TCPStore(body["master_address"], body["master_port"], body["world_size"], is_master=False,
+                              timeout=timeout)
+        name = body["group_name"]
+        scoped = dist.PrefixStore("cpu/", dist.PrefixStore(f"{name}/", dist.PrefixStore(name, store)))
+        self.groups.append((store, dist.ProcessGroupGloo(scoped, body["rank_offset"], body["world_size"], timeout)))
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def receive(self, body):
+        if self.refuse:
+            self.refuse -= 1
+            return 400, {"success": False, "message": "Failed to update parameter: out of memory."}
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            options = dist.BroadcastOptions()
+            options.rootRank, options.rootTensor = 0, 0
+            self.groups[-1][1].broadcast([tensor], options).wait()
+            self.received.append((name, tensor))
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+
+def test_a_server_failing_a_bucket_is_reported_at_once_and_the_next_update_uses_a_new_group():
+    server = GlooServerRanks(refuse=1)
+    routes = {**_tensor_update_routes(1), ("POST", "/init_weights_update_group"): server.join,
+              ("POST", "/update_weights_from_distributed"): server.receive}
+    weights = [("model.norm.weight", torch.randn(8)), ("lm_head.weight", torch.randn(4, 8))]
+    with FakeSGLang(routes) as fake:
+        engine = SGLangEngine(fake.url, update_mode="distributed", update_timeout_s=4, group_backend="gloo")
+        start = time.monotonic()
+        with pytest.raises(SGLangError, match="out of memory"):
+            run(engine.update_weights(iter(weights), "v1"))
+        assert time.monotonic() - start < 3  # the refusal, not the collective's 8 s timeout
+        assert fake.paths().count("/end_weight_update") == 1  # the session was closed
+        run(engine.update_weights(iter(weights), "v2"))
+    assert len(server.groups) == 2  # a fresh group: the old one is out of step
+    assert [name for name, _ in server.received] == [name for name, _ in weights]
+    assert all(torch.equal(got, dict(weights)[name]) for name, got in server.received)
+    # the abandoned broadcast ends at gloo's timeout (NCCL's abort ends it at once); its thread goes with it
+    assert wait_for(lambda: not _collective_threads(), 15)
 
 
 def test_iter_buckets_respects_the_size_and_keeps_big_tensors_whole():
