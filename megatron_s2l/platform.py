@@ -251,8 +251,8 @@ class StepFailed(RuntimeError):
 
 
 class StepInterrupted(StepFailed):
-    """SIGTERM stopped a phase that only waits on servers (rollout collection, evaluation): a requested stop,
-    not an error. The resumed run redoes it."""
+    """A stop signal ended a phase that only waits on servers (rollout collection, evaluation): a requested
+    stop, not an error. The resumed run redoes it."""
 
 
 @contextlib.contextmanager

@@ -226,36 +226,43 @@ align_nccl() {  # sets TRAINER_ENV or SERVER_ENV so that both sides of the weigh
   fi
 }
 
-run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM to this launcher goes on to the
-                  # trainer processes, and the launcher waits until they have saved and torchrun has exited.
+run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM or Ctrl-C to this launcher goes
+                  # on to the trainer processes as one SIGTERM, and the launcher waits until they have saved and
+                  # torchrun has exited.
   # A foreground torchrun would not do: bash would exit at once, leaving torchrun orphaned (docker stop, kill)
   # or killed with the rest of the Slurm step (which ends when its task, this launcher, exits). torchrun
   # itself ignores SIGTERM (Slurm signals every process): its workers stop on their own and exit 0, where
-  # torchrun would pass the signal on, wait, then exit 1 with a traceback. A second SIGTERM kills the workers.
+  # torchrun would pass the signal on, wait, then exit 1 with a traceback. torchrun and its workers ignore
+  # SIGINT, which Ctrl-C sends to every process of the terminal's job: the workers would take it for a second
+  # stop. A second SIGTERM or Ctrl-C kills the workers.
   echo "+ $*"
   if [ "$DRY_RUN" = 1 ]; then return; fi
-  (trap '' TERM; exec "$@") &
-  TRAINING_PID=$! STOPS=0
-  trap stop_training TERM
+  (trap '' INT TERM; exec "$@") &
+  TRAINING_PID=$! STOPS=0 STOPPED_BY=
+  trap 'stop_training TERM' TERM
+  trap 'stop_training INT' INT
   while kill -0 "$TRAINING_PID" 2>/dev/null; do wait "$TRAINING_PID" || true; done
   local status=0
   wait "$TRAINING_PID" || status=$?
-  trap - TERM
+  trap - TERM INT
   if [ "$STOPS" -gt 0 ]; then
     local latest
     latest=$(ls -d "$CKPT_DIR"/step_* 2>/dev/null | tail -n 1) || true
     echo "launcher: stopped (torchrun exit status $status); latest checkpoint: ${latest:-none} (the same command" \
          "resumes from it)" >&2
   fi
+  # after Ctrl-C end as Ctrl-C ends a program (the EXIT trap still runs): a script running this one stops too
+  if [ "$STOPPED_BY" = INT ]; then kill -INT $$; fi
   return "$status"
 }
 
-stop_training() {
+stop_training() {  # stop_training SIGNAL: what the launcher got
   STOPS=$((STOPS + 1))
+  STOPPED_BY=${STOPPED_BY:-$1}
   local signal=TERM
   if [ "$STOPS" = 1 ]; then
     echo "launcher: stopping; the trainer finishes or interrupts its step, saves a checkpoint and exits" \
-         "(SIGTERM again: kill it without saving)" >&2
+         "(Ctrl-C or SIGTERM again: kill it without saving)" >&2
   else
     echo "launcher: killing the trainer" >&2
     signal=KILL
@@ -349,7 +356,7 @@ launch() {
     if [ "$DRY_RUN" = 0 ]; then wait_ready "$ROLLOUT_WAIT_MINUTES" "rollout_side $LEARNER_URL$LEARNER_READY"; fi
   fi
   run_training env CUDA_VISIBLE_DEVICES="$(gpus 0 "$TRAIN_GPUS")" TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT_S" \
-    PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT "${TRAINER_ENV[@]}" \
+    PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT "${TRAINER_ENV[@]}" \
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --nproc-per-node "$TRAIN_GPUS" --master-addr "$MASTER_ADDR" \
     --master-port "$MASTER_PORT" -m megatron_s2l.cli train --config "$CONFIG" "${overrides[@]}"

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -246,4 +247,9 @@ def run_training(cfg: RunConfig) -> int:
     finally:
         trainer.close()
         platform.destroy_distributed()
+    if trainer.stop_signal == "SIGINT":
+        # Saved. End as Ctrl-C ends a program (cleanup, then death by SIGINT) so that a script running this one
+        # stops too: bash carries on after a child that exits normally. The log has said why: no traceback.
+        sys.excepthook = lambda *exc_info: None
+        raise KeyboardInterrupt
     return 0

@@ -47,7 +47,8 @@ class Trainer:
     step: int  # the last finished step
     saved_step: int
     stop_requested: bool
-    interruptible: Optional[str]  # the driver's phase now, if it only waits on servers: SIGTERM stops it at once
+    stop_signal: Optional[str]  # what asked for the stop: "SIGTERM", "SIGINT" (Ctrl-C), None (none, or the plan)
+    interruptible: Optional[str]  # the driver's phase now, if it only waits on servers: a stop signal ends it at once
 
     def __init__(self, cfg, learner, rollout, weight_sync, checkpointer, metrics, step=0):
         self.cfg, self.learner, self.rollout = cfg, learner, rollout
@@ -55,12 +56,12 @@ class Trainer:
         self.profiler = StepProfiler(cfg.logging, dist.get_rank() if dist.is_initialized() else 0)
         self.step = step
         self.saved_step = step  # a resumed run's checkpoint holds it
-        self.stop_requested, self.interruptible = False, None
+        self.stop_requested, self.stop_signal, self.interruptible = False, None, None
 
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
         exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
-        with _stop_on_sigterm(self), self._save_on_failure():
+        with _stop_on_signals(self), self._save_on_failure():
             while self.step < self.cfg.steps and not self.stop_requested:
                 step = self.step + 1
                 self.profiler.step_begins(step)
@@ -124,24 +125,26 @@ class Trainer:
         self.saved_step = self.step
 
     def _stopping_before_sync(self, step: int) -> bool:
-        """Collective: whether a SIGTERM reached any rank before the weight sync. Then the step skips its sync
-        and evaluation: under a scheduler the rollout servers got the SIGTERM too (a sync into a server that is
+        """Collective: whether a stop signal reached any rank before the weight sync. Then the step skips its
+        sync and evaluation: under a scheduler the rollout servers got the SIGTERM too (a sync into a server that is
         going away fails, or hangs in a broadcast), and the resumed run syncs the weights when it starts."""
         self.stop_requested = platform.any_rank(self.stop_requested)
         if self.stop_requested:
-            logger.warning("SIGTERM: step %d has trained; skipping its weight sync and evaluation (the resumed run "
-                           "syncs the weights when it starts)", step)
+            logger.warning("%s: step %d has trained; skipping its weight sync and evaluation (the resumed run "
+                           "syncs the weights when it starts)", self.stop_signal or "stop (on another rank)", step)
         return self.stop_requested
 
     @contextlib.contextmanager
     def _interruptible(self, phase: str):
-        """On the driver, around phases that only wait on servers: SIGTERM stops them at once (a rollout
+        """On the driver, around phases that only wait on servers: a stop signal ends them at once (a rollout
         step can take longer than the grace period before SIGKILL) instead of at the end of the step."""
         self.interruptible = phase
         try:
-            if self.stop_requested:  # SIGTERM came just before
-                raise platform.StepInterrupted("SIGTERM")
+            if self.stop_requested:  # a stop signal came just before
+                raise platform.StepInterrupted(self.stop_signal or "stop")
             yield
+        except _StopNow as stop:
+            raise platform.StepInterrupted(str(stop)) from None
         finally:
             self.interruptible = None
 
@@ -149,7 +152,7 @@ class Trainer:
     def _save_on_failure(self):
         """A failed or interrupted step loses no finished step: every rank hears of it, saves the last
         finished step unless it is saved already, and stops. The failed step's prompts and pool draws are not
-        consumed, so a resume repeats it. An interruption (SIGTERM) ends the run normally."""
+        consumed, so a resume repeats it. An interruption (a stop signal) ends the run normally."""
         try:
             yield
         except platform.StepFailed as failure:
@@ -205,24 +208,40 @@ class _StepTimer:
         return out | perf.throughput_metrics(learner_flops, learner_seconds, device)
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm(trainer: Trainer):
-    """SIGTERM (preemption, scancel, torchrun shutting down) stops the driver's rollout collection or
-    evaluation at once, and otherwise finishes the current step; then every rank saves and exits."""
-    def request_stop(signum, frame):
-        if trainer.stop_requested:
-            return  # the same stop again: torchrun and the launchers pass it on; it must not interrupt the save
-        trainer.stop_requested = True
-        if trainer.interruptible:
-            logger.warning("SIGTERM: stopping %s now", trainer.interruptible)
-            raise platform.StepInterrupted("SIGTERM")
-        logger.warning("SIGTERM: stopping at the end of step %d, with a checkpoint", trainer.step + 1)
+class _StopNow(KeyboardInterrupt):
+    """What the stop-signal handler raises in a phase that only waits on servers; Trainer._interruptible turns
+    it into StepInterrupted. A KeyboardInterrupt, as Ctrl-C's own is, because code in those phases catches
+    Exception: math-verify would score it as a wrong answer and asyncio would log it, and the step would go on."""
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGTERM (preemption, scancel, the launchers) or Ctrl-C stops the driver's rollout collection or
+    evaluation at once, and otherwise finishes the current step; then every rank saves and exits. Ctrl-C
+    again stops at once, without saving. A SIGINT ignored on entry stays ignored: the launchers run the
+    trainer so, and turn Ctrl-C into one SIGTERM."""
+    def request_stop(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_signal:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C twice: the user means now
+            return  # the same stop again: torchrun and the launchers pass it on; it must not interrupt the save
+        trainer.stop_requested, trainer.stop_signal = True, name
+        again = " (Ctrl-C again: stop now, without saving)" if signum == signal.SIGINT else ""
+        if trainer.interruptible:
+            logger.warning("%s: stopping %s now%s", name, trainer.interruptible, again)
+            raise _StopNow(name)
+        logger.warning("%s: stopping at the end of step %d, with a checkpoint%s", name, trainer.step + 1, again)
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, request_stop) for signum in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _broadcast_object(obj):

@@ -1,6 +1,6 @@
 """Stopping a launched run: a SIGTERM to the launcher alone (docker stop, kill) or to every process of the job
-(Slurm's time limit and scancel signal every process of a step) ends the real torchrun trainer with a
-checkpoint, and the launcher exits only after it. The rollout side is a stand-in that answers /health; the
+(Slurm's time limit and scancel signal every process of a step), or Ctrl-C, ends the real torchrun trainer with
+a checkpoint, and the launcher exits only after it. The rollout side is a stand-in that answers /health; the
 trainer samples in-process (rollout.engine=local). A SIGTERM during the explorer pool build stops the build
 and the explorer server before the launcher exits."""
 
@@ -26,6 +26,11 @@ def _processes_naming(text: str) -> list[psutil.Process]:
             if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.info["cmdline"] or [])]
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """A job started in the background by a script ignores SIGINT; one started from a terminal does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _trainer_processes(run_dir) -> list[psutil.Process]:
     """torchrun and its ranks (their command lines name the run directory)."""
     return _processes_naming(f"logging.run_dir={run_dir}")
@@ -33,8 +38,9 @@ def _trainer_processes(run_dir) -> list[psutil.Process]:
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("target", ["launcher", "every process"])
+@pytest.mark.parametrize("target", ["launcher", "every process", "ctrl-c"])
 def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launcher_exits(toy_world, tmp_path, target):
+    """ctrl-c: SIGINT to every process of the job, as a terminal sends it."""
     side = tmp_path / "rollout_side"
     side.mkdir()
     (side / "health").write_text("ok")
@@ -53,7 +59,8 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
     log = tmp_path / "launcher.log"  # a file, not a pipe: an orphaned trainer would hold a pipe open
     with open(log, "w") as out_file:
         launcher = subprocess.Popen(["bash", "examples/run_s2l_8b.sh", *overrides], cwd=REPO, env=env,
-                                    stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.jsonl").exists():
@@ -62,7 +69,7 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
         if target == "launcher":
             launcher.send_signal(signal.SIGTERM)
         else:
-            os.killpg(launcher.pid, signal.SIGTERM)
+            os.killpg(launcher.pid, signal.SIGINT if target == "ctrl-c" else signal.SIGTERM)
         launcher.wait(timeout=300)
         left = _trainer_processes(run_dir)  # the moment the launcher has exited
     finally:
@@ -80,8 +87,10 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     steps = [row["step"] for row in read_rows(run_dir)]
     assert state["step"] == steps[-1] < 50 and f"latest checkpoint: {checkpoints[-1]}" in out, out[-3000:]
-    # torchrun ignored the signal: its ranks stopped cleanly, so it (and the launcher) exit 0, no traceback
-    assert launcher.returncode == 0 and "SignalException" not in out, out[-3000:]
+    # torchrun ignored the signal: its ranks stopped cleanly, so it exits 0, and so does the launcher, or after
+    # Ctrl-C it ends by SIGINT (a script running it stops too); no traceback
+    assert launcher.returncode == (-signal.SIGINT if target == "ctrl-c" else 0), out[-3000:]
+    assert "SignalException" not in out and "Traceback" not in out, out[-3000:]
 
 
 STAND_IN_SERVER = """

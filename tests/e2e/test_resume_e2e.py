@@ -1,9 +1,10 @@
 """Resume: stopping after step k and resuming gives the same steps k+1.. as one uninterrupted run;
-SIGTERM finishes the step and saves a checkpoint."""
+SIGTERM or Ctrl-C finishes the step and saves a checkpoint."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,26 +37,38 @@ def test_resume_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_saves_the_finished_step(toy_world, tmp_path):
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
            *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if stop == "ctrl-c":  # the terminal signals its foreground process group: here a script and the trainer
+        cmd = ["bash", "-c", shlex.join(cmd) + "; echo the script went on"]
+    # as from a terminal: SIGINT not ignored (it is in jobs that a script started in the background)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
     last = read_rows(run_dir)[-1]["step"]
-    assert last < 50 and "SIGTERM" in out
-    assert (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file()
+    assert last < 50 and (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file(), out[-3000:]
+    if stop == "sigterm":
+        assert proc.returncode == 0 and "SIGTERM: stopping" in out, out[-3000:]
+    else:  # saved, then ended by the SIGINT, so the script stopped too
+        assert "SIGINT: stopping" in out and "Ctrl-C again: stop now" in out, out[-3000:]
+        assert proc.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_dry_run_commands_are_consistent(script, learner):
     torchrun, cfg = _train_config(commands)
     assert _flag(torchrun, "--nproc-per-node") == "4" and _gpus(torchrun) == {"0", "1", "2", "3"}
     # SIGTERM goes to the trainer, not torchrun (it would exit 1); a torchrun that acts on it anyway waits 600 s
-    assert "PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT" in torchrun
+    assert "PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT" in torchrun
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600" in torchrun
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.recompute) == (2, 2, "full")
     assert cfg.model.fp8.recipe == "tensorwise"

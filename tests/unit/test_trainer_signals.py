@@ -1,5 +1,5 @@
-"""SIGTERM: a wait on servers (rollout collection, evaluation) stops at once; anything else finishes the step,
-which then skips its weight sync (the servers are stopping too) and saves."""
+"""SIGTERM or Ctrl-C: a wait on servers (rollout collection, evaluation) stops at once; anything else finishes
+the step, which then skips its weight sync (the servers are stopping too) and saves. Ctrl-C twice: at once."""
 
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import torch
 
 from megatron_s2l import platform
 from megatron_s2l.config import RunConfig
-from megatron_s2l.train.trainer import Trainer, _stop_on_sigterm
+from megatron_s2l.train.trainer import Trainer, _stop_on_signals
 
 
-def _sigterm() -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
+def _sigterm(signum: int = signal.SIGTERM) -> None:
+    os.kill(os.getpid(), signum)
     time.sleep(0.01)  # the handler runs in the main thread at the next check
 
 
 def test_sigterm_stops_a_wait_on_servers_at_once_and_otherwise_asks_for_a_stop_after_the_step():
     trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
     previous = signal.getsignal(signal.SIGTERM)
-    with _stop_on_sigterm(trainer):
+    with _stop_on_signals(trainer):
         _sigterm()  # during the update: the step goes on, the loop stops after it
         assert trainer.stop_requested and trainer.interruptible is None
 
-        trainer.stop_requested = False
+        trainer.stop_requested, trainer.stop_signal = False, None
         started = time.monotonic()
         with pytest.raises(platform.StepInterrupted):
             with trainer._interruptible("step 4's evaluation"):
@@ -40,6 +40,45 @@ def test_sigterm_stops_a_wait_on_servers_at_once_and_otherwise_asks_for_a_stop_a
             with trainer._interruptible("step 5's rollout collection"):
                 pytest.fail("the wait started after SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_stop_signal_ends_a_wait_on_servers_even_inside_code_that_catches_exception():
+    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+    with _stop_on_signals(trainer):
+        with pytest.raises(platform.StepInterrupted, match="SIGTERM"):
+            with trainer._interruptible("step 3's rollout collection"):
+                try:  # as math-verify does around a verification, and asyncio around a callback
+                    _sigterm()
+                    time.sleep(30)
+                except Exception:
+                    pass
+                pytest.fail("the rollout collection went on after SIGTERM")
+
+
+def test_ctrl_c_stops_like_sigterm_and_a_second_ctrl_c_stops_at_once():
+    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+    previous = signal.getsignal(signal.SIGINT)
+    with _stop_on_signals(trainer):
+        _sigterm(signal.SIGINT)
+        assert trainer.stop_requested and trainer.stop_signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            _sigterm(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """The launchers start the trainer with SIGINT ignored and turn Ctrl-C into one SIGTERM: the trainer must
+    not also act on the terminal's SIGINT (a SIGINT after that SIGTERM would count as a second Ctrl-C)."""
+    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _stop_on_signals(trainer):
+            _sigterm(signal.SIGINT)
+            assert not trainer.stop_requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            _sigterm(signal.SIGTERM)
+            assert trainer.stop_signal == "SIGTERM"
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_interruption_reaches_every_rank_as_an_interruption_and_a_failure_as_a_failure():
