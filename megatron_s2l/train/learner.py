@@ -70,6 +70,7 @@ class Learner:
     # state
     num_updates: int
     nonfinite_steps: int  # train steps in a row in which every update was skipped
+    fp8_calibrated: set[int]  # id() of the models whose delayed FP8 scales a forward has set
 
     def __init__(self, cfg, args, model, ref_model, optimizer, scheduler):
         self.cfg, self.args = cfg, args
@@ -77,6 +78,7 @@ class Learner:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.num_updates = 0
         self.nonfinite_steps = 0
+        self.fp8_calibrated = set()
 
     # ------------------------------------------------------------------ parallel layout
 
@@ -222,6 +224,12 @@ class Learner:
         was_training = model.training
         model.eval()
         with torch.set_grad_enabled(needs_autograd_for_fp8_scales(convert.unwrap(model).config)):
+            if torch.is_grad_enabled() and id(model) not in self.fp8_calibrated:
+                # Delayed FP8 scales start at 1.0 (activations past 448 clip) and then follow the amaxes that
+                # passes record: a first pass over one micro-batch, discarded, sets them before any counts.
+                self._run_schedule(model, plan[0][:1], lambda chunk, micro, hidden: (hidden.new_zeros(()), {}),
+                                   forward_only=True)
+                self.fp8_calibrated.add(id(model))
             for micro_batches in plan:
                 self._run_schedule(model, micro_batches, collect, forward_only=True)
         model.train(was_training)

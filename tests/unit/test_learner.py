@@ -136,7 +136,8 @@ def test_split_to_cuts_the_fullest_micro_batch_in_order():
 def test_logprob_passes_run_with_autograd_under_delayed_fp8_and_give_the_same_detached_values(learner,
                                                                                             monkeypatch):
     """Transformer Engine updates delayed FP8 scales only with autograd on; the pass must still backpropagate
-    nothing and return plain tensors. (FP8 itself needs a GPU: here the switch is forced on the CPU model.)"""
+    nothing and return plain tensors. A model's first pass is preceded by a discarded one that calibrates the
+    scales. (FP8 itself needs a GPU: here the switch is forced on the CPU model.)"""
     from types import SimpleNamespace
 
     from megatron_s2l.train import learner as learner_module
@@ -149,10 +150,18 @@ def test_logprob_passes_run_with_autograd_under_delayed_fp8_and_give_the_same_de
     expected = [m.batch.old_logprobs.clone() for mini in plan for m in mini]
     monkeypatch.setattr(learner_module, "needs_autograd_for_fp8_scales", lambda config: True)
     learner.model.zero_grad_buffer()
+    passes = []  # micro-batches per schedule run
+    run_schedule = learner._run_schedule
+    monkeypatch.setattr(learner, "_run_schedule", lambda model, micro_batches, *args, **kwargs: (
+        passes.append(len(micro_batches)), run_schedule(model, micro_batches, *args, **kwargs))[1])
     learner.compute_logprobs(plan)
     actual = [m.batch.old_logprobs for mini in plan for m in mini]
     assert all(not a.requires_grad and torch.equal(a, e) for a, e in zip(actual, expected))
     assert all(p.main_grad.abs().sum() == 0 for p in learner.model.parameters())  # nothing backpropagated
+    # the model's first pass runs one micro-batch more, to calibrate the scales; later passes do not
+    assert passes == [1] + [len(mini) for mini in plan]
+    learner.compute_logprobs(plan)
+    assert passes[len(plan) + 1:] == [len(mini) for mini in plan]
 
 
 def test_token_budget_needs_length_grouping():
