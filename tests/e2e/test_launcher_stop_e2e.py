@@ -63,7 +63,7 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
                                     preexec_fn=_sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / "metrics.jsonl").exists():
+        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():  # a step
             assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()
             time.sleep(0.5)
         if target == "launcher":

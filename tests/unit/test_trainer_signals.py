@@ -57,13 +57,16 @@ def test_a_stop_signal_ends_a_wait_on_servers_even_inside_code_that_catches_exce
 
 def test_ctrl_c_stops_like_sigterm_and_a_second_ctrl_c_stops_at_once():
     trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
-    previous = signal.getsignal(signal.SIGINT)
-    with _stop_on_signals(trainer):
-        _sigterm(signal.SIGINT)
-        assert trainer.stop_requested and trainer.stop_signal == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist ignores it)
+    try:
+        with _stop_on_signals(trainer):
             _sigterm(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is previous
+            assert trainer.stop_requested and trainer.stop_signal == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                _sigterm(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_ignored_sigint_stays_ignored():
