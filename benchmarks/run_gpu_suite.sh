@@ -27,6 +27,7 @@ fi
     || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT_DIR/device.txt" 2>&1
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' >> "$OUT_DIR/device.txt"
+"$PYTHON" examples/lib/nccl_probe.py >> "$OUT_DIR/device.txt" 2>&1  # the NCCL the launchers align SGLang's with
 cat "$OUT_DIR/device.txt"
 
 # step NAME COMMAND...: run with a timeout, log to OUT_DIR/NAME.log, append a summary line.

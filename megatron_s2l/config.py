@@ -353,7 +353,7 @@ class CheckpointConfig:
     dir: str = ""
     """Where checkpoints go (default: <run_dir>/checkpoints)."""
     every_steps: int = 0
-    """Save every N training steps (0: only at the end and on SIGTERM)."""
+    """Save every N training steps (0: only at the end, and on SIGTERM or Ctrl-C)."""
     keep_last: int = 2
     """How many checkpoints to keep."""
     resume: str = "none"

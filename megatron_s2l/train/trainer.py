@@ -143,6 +143,7 @@ class Trainer:
             if self.stop_requested:  # a stop signal came just before
                 raise platform.StepInterrupted(self.stop_signal or "stop")
             yield
+            self.interruptible = None  # here, not only in `finally`: a signal there would escape the `except`
         except _StopNow as stop:
             raise platform.StepInterrupted(str(stop)) from None
         finally:
