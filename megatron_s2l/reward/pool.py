@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import time
 from typing import Callable, Optional
 from megatron_s2l.config import RewardConfig
@@ -26,6 +27,12 @@ def verify_math(answer: str, gold: str, timeout_s: int) -> tuple[bool, bool]:
     start = time.monotonic()
     correct = equivalent(answer, gold, timeout_s)
     return correct, (not correct and time.monotonic() - start >= timeout_s)
+
+
+def _leave_ctrl_c_to_the_trainer() -> None:
+    """Pool initializer. Ctrl-C reaches every process of the terminal's job; the trainer stops cleanly and
+    closes the pool, so a worker must not die of it mid-task (a traceback each, and a pool to rebuild)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _task(verify_fn: Callable[[str, str, int], tuple[bool, bool]], answer: str, gold: str, timeout_s: int):
@@ -50,7 +57,7 @@ class MathScorer:
 
     def _get_pool(self):
         if self._pool is None and self.cfg.num_workers > 0:
-            self._pool = mp.get_context("spawn").Pool(self.cfg.num_workers)
+            self._pool = mp.get_context("spawn").Pool(self.cfg.num_workers, _leave_ctrl_c_to_the_trainer)
         return self._pool
 
     def score_batch(self, responses: list[str], golds: list[str]) -> list[ScoreResult]:

@@ -1,9 +1,12 @@
-"""The process-pool scorer: order, dedup, sympy spins time out and score 0, a hung worker is replaced."""
+"""The process-pool scorer: order, dedup, sympy spins time out and score 0, a hung worker is replaced, Ctrl-C
+is left to the trainer."""
 
 from __future__ import annotations
 
+import signal
 import time
 
+import psutil
 import pytest
 
 from megatron_s2l.config import RewardConfig
@@ -47,6 +50,24 @@ def test_a_worker_stuck_beyond_the_alarm_is_killed_and_the_rest_still_scored():
         assert scorer.score_batch(["Answer: 7"], ["7"])[0].reward == 1.0  # the rebuilt pool works
     finally:
         scorer.close()
+
+
+def test_ctrl_c_leaves_the_workers_to_the_trainer():
+    """A terminal's Ctrl-C reaches the workers too; the trainer stops cleanly, so they must keep scoring."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist ignores it)
+    scorer = MathScorer(RewardConfig(timeout_s=2, num_workers=2))
+    try:
+        scorer.score_batch(["Answer: 1"], ["1"])  # starts the pool
+        workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        for worker in workers:
+            worker.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert scorer.score_batch(["Answer: 2"], ["2"])[0].reward == 1.0
+    finally:
+        scorer.close()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_signed_scale_and_errors():
