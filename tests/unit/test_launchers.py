@@ -20,7 +20,12 @@ from tests.utils import REPO, free_port, free_port_pair, port_is_free, wait_for
 def dry_run(script: str, **env) -> list[list[str]]:
     result = launcher(script, **env)
     assert result.returncode == 0, result.stderr
-    return [shlex.split(line[2:].split(" > ")[0].rstrip(" &")) for line in result.stdout.splitlines()
+    return _commands(result.stdout)
+
+
+def _commands(stdout: str) -> list[list[str]]:
+    """The commands a --dry-run printed."""
+    return [shlex.split(line[2:].split(" > ")[0].rstrip(" &")) for line in stdout.splitlines()
             if line.startswith("+ ") and not line.startswith("+ waiting")]
 
 
@@ -196,11 +201,10 @@ def _preloads(commands: list[list[str]]) -> tuple[set[str], set[str]]:
 def test_the_trainer_and_the_servers_load_the_newer_of_their_nccl_versions(tmp_path, trainer, servers):
     trainer_lib = _fake_torch_python(tmp_path / "trainer_python", trainer)
     server_lib = _fake_torch_python(tmp_path / "sglang_python", servers)
-    result = launcher("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
-                      SGLANG_PYTHON=str(tmp_path / "sglang_python"))
+    pythons = {"PYTHON": str(tmp_path / "trainer_python"), "SGLANG_PYTHON": str(tmp_path / "sglang_python")}
+    result = launcher("run_s2l_8b.sh", **pythons)
     assert result.returncode == 0, result.stderr
-    commands = dry_run("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
-                       SGLANG_PYTHON=str(tmp_path / "sglang_python"))
+    commands = _commands(result.stdout)
     if trainer < servers:
         assert _preloads(commands) == ({server_lib}, {""})
         assert f"NCCL {trainer} and the SGLang servers' {servers}; both load {servers}" in result.stderr
@@ -210,8 +214,7 @@ def test_the_trainer_and_the_servers_load_the_newer_of_their_nccl_versions(tmp_p
         assert _preloads(commands) == ({""}, {""}) and "NCCL" not in result.stderr
     # disk sync, or NCCL_ALIGN=0, leaves them alone
     for env in ({"WEIGHT_SYNC": "disk"}, {"NCCL_ALIGN": "0"}):
-        assert _preloads(dry_run("run_s2l_8b.sh", PYTHON=str(tmp_path / "trainer_python"),
-                                 SGLANG_PYTHON=str(tmp_path / "sglang_python"), **env)) == ({""}, {""})
+        assert _preloads(dry_run("run_s2l_8b.sh", **pythons, **env)) == ({""}, {""})
 
 
 def test_nccl_versions_that_cannot_be_aligned_stop_the_launch_with_the_fix(tmp_path):
