@@ -16,8 +16,9 @@ import datetime
 import logging
 import os
 import random
+import sys
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -243,6 +244,14 @@ def max_over_ranks(values: list[float], group: Optional[dist.ProcessGroup] = Non
 def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
     """Collective: whether `flag` is set on any rank."""
     return bool(max_over_ranks([float(flag)], group)[0])
+
+
+def end_as_ctrl_c() -> NoReturn:
+    """End the process as Ctrl-C ends a Python program: cleanup, then death by SIGINT, so that a script
+    running it stops too (bash carries on after a child that exits normally). Without the traceback: the
+    caller has said what it did."""
+    sys.excepthook = lambda *exc_info: None
+    raise KeyboardInterrupt
 
 
 class StepFailed(RuntimeError):

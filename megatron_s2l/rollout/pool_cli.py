@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,17 @@ def run_build(args: argparse.Namespace) -> int:
         in_flight = args.chunks_in_flight
     params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length,
                             temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, seed=cfg.seed)
-    build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
-               explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
-               dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
-               chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
+    try:
+        build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
+                   explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
+                   dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
+                   chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
+    except KeyboardInterrupt:
+        from megatron_s2l import platform
+
+        print(f"explorer pool build stopped (Ctrl-C); the finished chunks are kept in {cfg.explorer.pool_path} "
+              "and the same command resumes the build", file=sys.stderr)
+        platform.end_as_ctrl_c()
     print(f"explorer pool ready: {cfg.explorer.pool_path}")
     return 0
 

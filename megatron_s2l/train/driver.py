@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -247,9 +246,6 @@ def run_training(cfg: RunConfig) -> int:
     finally:
         trainer.close()
         platform.destroy_distributed()
-    if trainer.stop_signal == "SIGINT":
-        # Saved. End as Ctrl-C ends a program (cleanup, then death by SIGINT) so that a script running this one
-        # stops too: bash carries on after a child that exits normally. The log has said why: no traceback.
-        sys.excepthook = lambda *exc_info: None
-        raise KeyboardInterrupt
+    if trainer.stop_signal == "SIGINT":  # saved
+        platform.end_as_ctrl_c()
     return 0

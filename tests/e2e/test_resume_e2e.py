@@ -3,6 +3,7 @@ SIGTERM or Ctrl-C finishes the step and saves a checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -69,6 +70,35 @@ def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
         assert "SIGINT: stopping" in out and "Ctrl-C again: stop now" in out, out[-3000:]
         assert proc.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_pool_build_that_the_same_command_resumes(toy_world, tmp_path):
+    pool = tmp_path / "pool"
+    build = [sys.executable, "-m", "megatron_s2l.cli", "pool", "build", "--config", str(TINY_CONFIG), "--chunk-size",
+             "2", *toy_overrides(toy_world, **{"explorer.pool_path": pool})]
+    script = ["bash", "-c", shlex.join(build) + "; echo the script went on"]  # as from a terminal: SIGINT not ignored
+    proc = subprocess.Popen(script, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not list(pool.glob("chunks/chunk-*.parquet")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
+    assert "the same command resumes the build" in out and "Traceback" not in out, out[-3000:]
+    kept = len(list(pool.glob("chunks/chunk-*.parquet")))
+    assert json.loads((pool / "manifest.json").read_text())["status"] != "complete" and kept >= 1
+    run_s2l(build[3:], timeout=300)
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert len(list(pool.glob("chunks/chunk-*.parquet"))) == manifest["num_chunks"] > kept
 
 
 @pytest.mark.slow
