@@ -1,5 +1,6 @@
 """GPU checks (marked `gpu`, skipped without CUDA): Transformer Engine spec, FP8, the Triton log-prob
-kernels, CUDA-IPC weight sync into a real SGLang server, and the single-GPU tiny config end to end.
+kernels, CUDA-IPC weight sync into a real SGLang server, an aborted NCCL weight broadcast (two GPUs), and the
+single-GPU tiny config end to end.
 
 Run on a GPU machine: `pytest -m gpu tests/gpu`.
 """
@@ -7,6 +8,7 @@ Run on a GPU machine: `pytest -m gpu tests/gpu`.
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import torch
@@ -175,6 +177,61 @@ def test_cuda_ipc_tensor_sync_into_sglang(tmp_path):
     reference_model = AutoModelForCausalLM.from_pretrained(new, dtype=torch.bfloat16).cuda()
     expected = reference_model.generate(torch.tensor(prompt).cuda(), max_new_tokens=8, do_sample=False)
     assert out.response_ids == expected[0, 4:].tolist()
+
+
+SILENT_SERVER_RANK = """
+# rank 1 of a weight-update group, as an SGLang server joins one: receives one tensor, then goes quiet
+import datetime, sys, time, torch, torch.distributed as dist
+port, name = int(sys.argv[1]), sys.argv[2]
+torch.cuda.set_device(1)
+timeout = datetime.timedelta(seconds=120)
+store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timeout)
+scoped = dist.PrefixStore("cuda/", dist.PrefixStore(name + "/", dist.PrefixStore(name, store)))
+options = dist.ProcessGroupNCCL.Options()
+options._timeout = timeout
+group = dist.ProcessGroupNCCL(scoped, 1, 2, options)
+tensor = torch.empty(4, device="cuda:1")
+broadcast = dist.BroadcastOptions()
+broadcast.rootRank, broadcast.rootTensor = 0, 0
+group.broadcast([tensor], broadcast).wait()
+print("received", tensor.tolist(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: NCCL refuses two ranks on one device")
+def test_a_broadcast_that_a_server_never_joins_leaves_the_trainers_stream_free_and_aborts(tmp_path):
+    import subprocess
+    import threading
+
+    from megatron_s2l.rollout.sglang import BroadcastGroup
+    from tests.utils import free_port
+
+    port, name = free_port(), "s2l-weights-test"
+    server = subprocess.Popen([sys.executable, "-c", SILENT_SERVER_RANK, str(port), name], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        torch.cuda.set_device(0)
+        group = BroadcastGroup.create(name, "nccl", port, 2, timeout_s=120)
+        group.broadcast([torch.arange(4.0, device="cuda:0")])
+        assert server.stdout.readline().strip() == "received [0.0, 1.0, 2.0, 3.0]"
+        pending = threading.Thread(target=group.broadcast, args=([torch.ones(4, device="cuda:0")],), daemon=True)
+        pending.start()
+        time.sleep(1)
+        computed = threading.Event()  # the trainer's next kernels run on the default stream meanwhile
+
+        def compute():
+            (torch.ones(8, device="cuda:0") * 2).sum().item()  # .item() waits for the default stream only
+            computed.set()
+
+        threading.Thread(target=compute, daemon=True).start()
+        assert computed.wait(10), "the default stream waits for the broadcast the server never joined"
+        group.abort()
+        pending.join(30)
+        assert not pending.is_alive(), "the broadcast outlived abort()"
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_tiny_1gpu_config_end_to_end(tmp_path):
