@@ -57,8 +57,9 @@ def test_ctrl_c_leaves_the_workers_to_the_trainer():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist ignores it)
     scorer = MathScorer(RewardConfig(timeout_s=2, num_workers=2))
     try:
+        before = set(psutil.Process().children())  # other tests' pools may be running
         scorer.score_batch(["Answer: 1"], ["1"])  # starts the pool
-        workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = [p for p in set(psutil.Process().children()) - before if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2
         for worker in workers:
             worker.send_signal(signal.SIGINT)
