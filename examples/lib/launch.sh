@@ -219,11 +219,8 @@ align_nccl() {  # sets TRAINER_ENV or SERVER_ENV so that both sides of the weigh
   fi
   echo "note: the trainer's torch loads NCCL $ours and the SGLang servers' $theirs; both load $newer ($lib) for" \
        "the weight broadcast (NCCL_ALIGN=0: leave them)" >&2
-  if [ "$python" = "$PYTHON" ]; then
-    TRAINER_ENV=("LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}")
-  else
-    SERVER_ENV=("LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}")
-  fi
+  local preload="LD_PRELOAD=$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  if [ "$python" = "$PYTHON" ]; then TRAINER_ENV=("$preload"); else SERVER_ENV=("$preload"); fi
 }
 
 run_training() {  # run_training COMMAND...: like run, for torchrun. A SIGTERM or Ctrl-C to this launcher goes

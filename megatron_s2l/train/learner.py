@@ -223,8 +223,9 @@ class Learner:
 
         was_training = model.training
         model.eval()
-        with torch.set_grad_enabled(needs_autograd_for_fp8_scales(convert.unwrap(model).config)):
-            if torch.is_grad_enabled() and id(model) not in self.fp8_calibrated:
+        delayed_fp8 = needs_autograd_for_fp8_scales(convert.unwrap(model).config)
+        with torch.set_grad_enabled(delayed_fp8):
+            if delayed_fp8 and id(model) not in self.fp8_calibrated:
                 # Delayed FP8 scales start at 1.0 (activations past 448 clip) and then follow the amaxes that
                 # passes record: a first pass over one micro-batch, discarded, sets them before any counts.
                 self._run_schedule(model, plan[0][:1], lambda chunk, micro, hidden: (hidden.new_zeros(()), {}),
