@@ -152,6 +152,23 @@ def run_process(cmd: list[str], what: str, timeout: int, check: bool = True, env
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def sigint_as_from_a_terminal() -> None:
+    """preexec_fn for a child that should take Ctrl-C as it would from a terminal: a job started in the
+    background by a script (this test run, perhaps) ignores SIGINT, and pytest-xdist workers do too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigint_handler(handler) -> Iterator[None]:
+    """This process's SIGINT disposition set to `handler` for the block (`signal.default_int_handler`: as in a
+    terminal, whatever this test run inherited)."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_benchmark(script: str, *args: str, timeout: int = 600) -> dict:
     """Run benchmarks/SCRIPT --json ARGS and return the JSON line it ends with."""
     done = run_process([sys.executable, f"benchmarks/{script}", "--json", *args], script, timeout=timeout)

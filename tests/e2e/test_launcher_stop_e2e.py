@@ -17,18 +17,14 @@ import time
 import psutil
 import pytest
 
-from tests.utils import REPO, TINY_CONFIG, free_port, read_rows, subprocess_env, toy_overrides
+from tests.utils import (REPO, TINY_CONFIG, free_port, read_rows, sigint_as_from_a_terminal, subprocess_env,
+                         toy_overrides)
 
 
 def _processes_naming(text: str) -> list[psutil.Process]:
     """Live processes with `text` in an argument of their command line."""
     return [proc for proc in psutil.process_iter(["cmdline", "status"])
             if proc.info["status"] != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.info["cmdline"] or [])]
-
-
-def _sigint_as_from_a_terminal() -> None:
-    """A job started in the background by a script ignores SIGINT; one started from a terminal does not."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _trainer_processes(run_dir) -> list[psutil.Process]:
@@ -60,7 +56,7 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
     with open(log, "w") as out_file:
         launcher = subprocess.Popen(["bash", "examples/run_s2l_8b.sh", *overrides], cwd=REPO, env=env,
                                     stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_sigint_as_from_a_terminal)
+                                    preexec_fn=sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():  # a step

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from tests.utils import REPO, TINY_CONFIG, read_rows, run_s2l, subprocess_env, toy_overrides
+from tests.utils import (REPO, TINY_CONFIG, read_rows, run_s2l, sigint_as_from_a_terminal, subprocess_env,
+                         toy_overrides)
 
 NOT_COMPARED = ("timing/", "throughput/", "perf/", "memory/", "sync/seconds", "sync/gb_per_s", "time")
 
@@ -37,23 +38,18 @@ def test_resume_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
         assert _comparable(actual) == _comparable(expected), expected["step"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
-def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
-           *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
-    if stop == "ctrl-c":  # the terminal signals its foreground process group: here a script and the trainer
+def _stop_when(cmd: list[str], ready, stop: str) -> subprocess.CompletedProcess:
+    """Run `cmd` until `ready()`, then stop it: "sigterm" to it alone, or "ctrl-c", SIGINT to its whole process
+    group as a terminal sends it (Ctrl-C commands run in a bash script, which must stop too)."""
+    if stop == "ctrl-c":
         cmd = ["bash", "-c", shlex.join(cmd) + "; echo the script went on"]
-    # as from a terminal: SIGINT not ignored (it is in jobs that a script started in the background)
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, start_new_session=True, preexec_fn=sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        while not ready():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.5)
+            time.sleep(0.2)
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:
@@ -62,14 +58,32 @@ def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _assert_ended_by_ctrl_c(done: subprocess.CompletedProcess) -> None:
+    """It ended by the SIGINT, so the script running it stopped too, and without a traceback."""
+    out = done.stdout
+    assert done.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
+           *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
+    metrics = run_dir / "metrics.jsonl"
+    done = _stop_when(cmd, lambda: metrics.is_file() and metrics.read_text(), stop)
+    out = done.stdout
     last = read_rows(run_dir)[-1]["step"]
     assert last < 50 and (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file(), out[-3000:]
     if stop == "sigterm":
-        assert proc.returncode == 0 and "SIGTERM: stopping" in out, out[-3000:]
-    else:  # saved, then ended by the SIGINT, so the script stopped too
+        assert done.returncode == 0 and "SIGTERM: stopping" in out, out[-3000:]
+    else:  # saved, then ended by the SIGINT
         assert "SIGINT: stopping" in out and "Ctrl-C again: stop now" in out, out[-3000:]
-        assert proc.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
-        assert "Traceback" not in out, out[-3000:]
+        _assert_ended_by_ctrl_c(done)
 
 
 @pytest.mark.slow
@@ -77,22 +91,9 @@ def test_ctrl_c_stops_a_pool_build_that_the_same_command_resumes(toy_world, tmp_
     pool = tmp_path / "pool"
     build = [sys.executable, "-m", "megatron_s2l.cli", "pool", "build", "--config", str(TINY_CONFIG), "--chunk-size",
              "2", *toy_overrides(toy_world, **{"explorer.pool_path": pool})]
-    script = ["bash", "-c", shlex.join(build) + "; echo the script went on"]  # as from a terminal: SIGINT not ignored
-    proc = subprocess.Popen(script, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 300
-        while not list(pool.glob("chunks/chunk-*.parquet")):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGINT and "the script went on" not in out, out[-3000:]
-    assert "the same command resumes the build" in out and "Traceback" not in out, out[-3000:]
+    done = _stop_when(build, lambda: list(pool.glob("chunks/chunk-*.parquet")), "ctrl-c")
+    _assert_ended_by_ctrl_c(done)
+    assert "the same command resumes the build" in done.stdout, done.stdout[-3000:]
     kept = len(list(pool.glob("chunks/chunk-*.parquet")))
     assert json.loads((pool / "manifest.json").read_text())["status"] != "complete" and kept >= 1
     run_s2l(build[3:], timeout=300)

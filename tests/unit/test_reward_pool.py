@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from megatron_s2l.config import RewardConfig
 from megatron_s2l.reward import MathScorer
+from tests.utils import sigint_handler, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +54,22 @@ def test_a_worker_stuck_beyond_the_alarm_is_killed_and_the_rest_still_scored():
         scorer.close()
 
 
+def _ignores_sigint(process: psutil.Process) -> bool:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(ignored >> (signal.SIGINT - 1) & 1)
+
+
 def test_ctrl_c_leaves_the_workers_to_the_trainer():
     """A terminal's Ctrl-C reaches the workers too; the trainer stops cleanly, so they must keep scoring."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist ignores it)
     scorer = MathScorer(RewardConfig(timeout_s=2, num_workers=2))
     try:
         before = set(psutil.Process().children())  # other tests' pools may be running
-        scorer.score_batch(["Answer: 1"], ["1"])  # starts the pool
+        with sigint_handler(signal.default_int_handler):  # the workers start as from a terminal
+            scorer.score_batch(["Answer: 1"], ["1"])  # starts the pool
         workers = [p for p in set(psutil.Process().children()) - before if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2
+        assert wait_for(lambda: all(map(_ignores_sigint, workers)), 30)  # once started (spawn takes a while)
         for worker in workers:
             worker.send_signal(signal.SIGINT)
         time.sleep(1)
@@ -68,7 +77,6 @@ def test_ctrl_c_leaves_the_workers_to_the_trainer():
         assert scorer.score_batch(["Answer: 2"], ["2"])[0].reward == 1.0
     finally:
         scorer.close()
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_signed_scale_and_errors():

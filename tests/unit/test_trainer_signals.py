@@ -13,28 +13,34 @@ import torch
 from megatron_s2l import platform
 from megatron_s2l.config import RunConfig
 from megatron_s2l.train.trainer import Trainer, _stop_on_signals
+from tests.utils import sigint_handler
 
 
-def _sigterm(signum: int = signal.SIGTERM) -> None:
+def _signal(signum: int = signal.SIGTERM) -> None:
     os.kill(os.getpid(), signum)
     time.sleep(0.01)  # the handler runs in the main thread at the next check
 
 
+def _bare_trainer() -> Trainer:
+    """The loop's signal handling without a learner, rollout side or checkpointer."""
+    return Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+
+
 def test_sigterm_stops_a_wait_on_servers_at_once_and_otherwise_asks_for_a_stop_after_the_step():
-    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+    trainer = _bare_trainer()
     previous = signal.getsignal(signal.SIGTERM)
     with _stop_on_signals(trainer):
-        _sigterm()  # during the update: the step goes on, the loop stops after it
+        _signal()  # during the update: the step goes on, the loop stops after it
         assert trainer.stop_requested and trainer.interruptible is None
 
         trainer.stop_requested, trainer.stop_signal = False, None
         started = time.monotonic()
         with pytest.raises(platform.StepInterrupted):
             with trainer._interruptible("step 4's evaluation"):
-                _sigterm()
+                _signal()
                 time.sleep(30)  # a long wait on the servers
         assert time.monotonic() - started < 10 and trainer.stop_requested and trainer.interruptible is None
-        _sigterm()  # a second SIGTERM (torchrun forwards one) while saving interrupts nothing
+        _signal()  # a second SIGTERM (torchrun forwards one) while saving interrupts nothing
 
         with pytest.raises(platform.StepInterrupted):  # a SIGTERM that came just before: the wait never starts
             with trainer._interruptible("step 5's rollout collection"):
@@ -43,12 +49,12 @@ def test_sigterm_stops_a_wait_on_servers_at_once_and_otherwise_asks_for_a_stop_a
 
 
 def test_a_stop_signal_ends_a_wait_on_servers_even_inside_code_that_catches_exception():
-    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
+    trainer = _bare_trainer()
     with _stop_on_signals(trainer):
         with pytest.raises(platform.StepInterrupted, match="SIGTERM"):
             with trainer._interruptible("step 3's rollout collection"):
                 try:  # as math-verify does around a verification, and asyncio around a callback
-                    _sigterm()
+                    _signal()
                     time.sleep(30)
                 except Exception:
                     pass
@@ -56,32 +62,26 @@ def test_a_stop_signal_ends_a_wait_on_servers_even_inside_code_that_catches_exce
 
 
 def test_ctrl_c_stops_like_sigterm_and_a_second_ctrl_c_stops_at_once():
-    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (pytest-xdist ignores it)
-    try:
+    trainer = _bare_trainer()
+    with sigint_handler(signal.default_int_handler):
         with _stop_on_signals(trainer):
-            _sigterm(signal.SIGINT)
+            _signal(signal.SIGINT)
             assert trainer.stop_requested and trainer.stop_signal == "SIGINT"
             with pytest.raises(KeyboardInterrupt):
-                _sigterm(signal.SIGINT)
+                _signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_ignored_sigint_stays_ignored():
     """The launchers start the trainer with SIGINT ignored and turn Ctrl-C into one SIGTERM: the trainer must
     not also act on the terminal's SIGINT (a SIGINT after that SIGTERM would count as a second Ctrl-C)."""
-    trainer = Trainer(RunConfig(), learner=None, rollout=None, weight_sync=None, checkpointer=None, metrics=None)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    trainer = _bare_trainer()
+    with sigint_handler(signal.SIG_IGN):
         with _stop_on_signals(trainer):
-            _sigterm(signal.SIGINT)
+            _signal(signal.SIGINT)
             assert not trainer.stop_requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            _sigterm(signal.SIGTERM)
+            _signal(signal.SIGTERM)
             assert trainer.stop_signal == "SIGTERM"
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_an_interruption_reaches_every_rank_as_an_interruption_and_a_failure_as_a_failure():
@@ -113,7 +113,7 @@ class _Recorder:
 
     def train_step(self, plan):
         if self.step == self.sigterm_in_update_of:
-            _sigterm()  # preemption while the learner updates
+            _signal()  # preemption while the learner updates
         return {"loss/pg": 0.5}
 
     def sync(self, learner, version):
