@@ -13,12 +13,15 @@ Only fully written checkpoints carry a `step_*` name, so a crash mid-write never
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 import logging
+import multiprocessing as mp
 import pickle
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +45,32 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _start_write_results_server() -> None:
+    """dist_checkpointing's writers report back through a multiprocessing Manager, a process that megatron-core
+    starts at the first save and keeps. A stop signal sent to the whole job (Slurm's scancel and time limit;
+    torchrun, which passes SIGTERM and SIGINT to each worker's process group) reached it too and killed it, so
+    the save that the stop asked for failed. Start it here instead, deaf to those signals and ended with this
+    process (it would otherwise outlive a SIGKILL of the trainer)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "gone") is not None:  # started already, or a newer megatron
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(_write_results_server_init)
+    filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager (and its process)
+
+
+def _write_results_server_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # Linux: SIGKILL when the trainer process ends, however it ends
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _is_rank0() -> bool:
@@ -97,6 +126,7 @@ class Checkpointer:
 
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
+        _start_write_results_server()
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             (tmp / checkpoint_io.MODEL_SUBDIR).mkdir(parents=True)

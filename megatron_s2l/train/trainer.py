@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Optional
@@ -61,8 +62,9 @@ class Trainer:
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
         exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
+        stop = False  # agreed by every rank: a stop signal that reaches ranks at different moments of a step
         with _stop_on_signals(self), self._save_on_failure():
-            while self.step < self.cfg.steps and not self.stop_requested:
+            while self.step < self.cfg.steps and not stop:
                 step = self.step + 1
                 self.profiler.step_begins(step)
                 timer = _StepTimer()
@@ -90,9 +92,10 @@ class Trainer:
                 metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
                 self.profiler.step_ends(step)
-                self.stop_requested = platform.any_rank(self.stop_requested) or step == exit_at  # stop together
+                # together (a signal that comes after this is seen in the next step)
+                stop = platform.any_rank(self.stop_requested) or step == exit_at
                 every = self.cfg.checkpoint.every_steps
-                if self.stop_requested or step == self.cfg.steps or (every and step % every == 0):
+                if stop or step == self.cfg.steps or (every and step % every == 0):
                     self.save()
 
     def rollout_batch(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
@@ -221,6 +224,8 @@ def _stop_on_signals(trainer: Trainer):
     evaluation at once, and otherwise finishes the current step; then every rank saves and exits. Ctrl-C
     again stops at once, without saving. A SIGINT ignored on entry stays ignored: the launchers run the
     trainer so, and turn Ctrl-C into one SIGTERM."""
+    passed_on_by_torchrun = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "").split(",")
+
     def request_stop(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_signal:
@@ -231,8 +236,15 @@ def _stop_on_signals(trainer: Trainer):
         again = " (Ctrl-C again: stop now, without saving)" if signum == signal.SIGINT else ""
         if trainer.interruptible:
             logger.warning("%s: stopping %s now%s", name, trainer.interruptible, again)
+        else:
+            logger.warning("%s: stopping after the step in progress, with a checkpoint (the last finished step is "
+                           "%d)%s", name, trainer.step, again)
+        if name in passed_on_by_torchrun:  # a bare torchrun (the launchers leave stop signals to the trainer)
+            logger.warning("if torchrun passed this %s on, it kills its workers %s s later "
+                           "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT): raise that if a checkpoint takes longer", name,
+                           os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        if trainer.interruptible:
             raise _StopNow(name)
-        logger.warning("%s: stopping at the end of step %d, with a checkpoint%s", name, trainer.step + 1, again)
 
     handled = [signal.SIGTERM]
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.utils import (REPO, TINY_CONFIG, read_rows, run_s2l, sigint_as_from_a_terminal, subprocess_env,
-                         toy_overrides)
+                         torchrun_prefix, toy_overrides)
 
 NOT_COMPARED = ("timing/", "throughput/", "perf/", "memory/", "sync/seconds", "sync/gb_per_s", "time")
 
@@ -39,8 +41,9 @@ def test_resume_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
 
 
 def _stop_when(cmd: list[str], ready, stop: str) -> subprocess.CompletedProcess:
-    """Run `cmd` until `ready()`, then stop it: "sigterm" to it alone, or "ctrl-c", SIGINT to its whole process
-    group as a terminal sends it (Ctrl-C commands run in a bash script, which must stop too)."""
+    """Run `cmd` until `ready()`, then stop it: "sigterm" to it alone; "ctrl-c", SIGINT to its whole process
+    group as a terminal sends it (Ctrl-C commands run in a bash script, which must stop too); or, `cmd` being a
+    torchrun, "sigterm to rank 1"."""
     if stop == "ctrl-c":
         cmd = ["bash", "-c", shlex.join(cmd) + "; echo the script went on"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -52,6 +55,8 @@ def _stop_when(cmd: list[str], ready, stop: str) -> subprocess.CompletedProcess:
             time.sleep(0.2)
         if stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
+        elif stop == "sigterm to rank 1":
+            os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
@@ -59,6 +64,13 @@ def _stop_when(cmd: list[str], ready, stop: str) -> subprocess.CompletedProcess:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _worker_of_rank(torchrun_pid: int, rank: int) -> int:
+    for worker in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0"):
+            return int(worker)
+    raise AssertionError(f"torchrun {torchrun_pid} has no worker of rank {rank}")
 
 
 def _assert_ended_by_ctrl_c(done: subprocess.CompletedProcess) -> None:
@@ -84,6 +96,38 @@ def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
     else:  # saved, then ended by the SIGINT
         assert "SIGINT: stopping" in out and "Ctrl-C again: stop now" in out, out[-3000:]
         _assert_ended_by_ctrl_c(done)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_a_stop_signal_to_a_bare_torchrun_during_a_save_keeps_that_checkpoint(toy_world, tmp_path, stop):
+    """torchrun passes SIGTERM and SIGINT on to each worker's whole process group, so the helper processes of
+    megatron-core's checkpoint writer get it too (as under Slurm). Here it comes while step 2 is being saved."""
+    run_dir = tmp_path / "run"
+    cmd = [*torchrun_prefix(2), "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
+           *toy_overrides(toy_world, steps=50, **{"checkpoint.every_steps": 1}), f"logging.run_dir={run_dir}"]
+    done = _stop_when(cmd, (run_dir / "checkpoints" / ".tmp-step_000002").is_dir, stop)
+    out = done.stdout
+    assert (run_dir / "checkpoints" / "step_000002" / "trainer_state.json").is_file(), out[-3000:]
+    assert read_rows(run_dir)[-1]["step"] < 50
+    assert not re.search(r"\[rank\d\]: Traceback", out), out[-3000:]  # only torchrun's own (SignalException)
+    assert f"if torchrun passed this {'SIGTERM' if stop == 'sigterm' else 'SIGINT'} on" in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_stop_signal_that_reaches_one_rank_during_a_save_stops_every_rank_after_the_next_step(toy_world, tmp_path):
+    """The ranks decide together whether to go on: a rank that alone left the loop would leave the others
+    waiting in the next step's collectives. Here only rank 1 gets it, while step 2 is being saved."""
+    run_dir = tmp_path / "run"
+    cmd = [*torchrun_prefix(2), "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
+           *toy_overrides(toy_world, steps=50, **{"checkpoint.every_steps": 1}), f"logging.run_dir={run_dir}"]
+    done = _stop_when(cmd, (run_dir / "checkpoints" / ".tmp-step_000002").is_dir, "sigterm to rank 1")
+    out = done.stdout
+    assert done.returncode == 0 and [r["step"] for r in read_rows(run_dir)][-2:] == [2, 3], out[-3000:]
+    assert read_rows(run_dir)[-1].get("step/interrupted") == 1.0, out[-3000:]  # no sync after the signal
+    assert (run_dir / "checkpoints" / "step_000003" / "trainer_state.json").is_file(), out[-3000:]
 
 
 @pytest.mark.slow

@@ -1,16 +1,24 @@
-"""Learner checkpoints: an interrupted save leaves the last good one; resume continues bit-exactly."""
+"""Learner checkpoints: an interrupted save leaves the last good one; resume continues bit-exactly; a stop signal
+to every process of the job leaves the checkpoint writer able to save."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_s2l.config import CheckpointConfig
 from megatron_s2l.model import convert, specs
-from megatron_s2l.train.checkpoint import Checkpointer
+from megatron_s2l.train.checkpoint import Checkpointer, _start_write_results_server
 from megatron_s2l.train.learner import build_learner
 from tests.learner_fixtures import fixed_batch, learner_config
-from tests.utils import make_tiny_model
+from tests.utils import REPO, make_tiny_model, subprocess_env, wait_for
 
 
 def _update(learner, seed: int) -> dict:
@@ -85,3 +93,45 @@ def test_resume_from_a_bad_path_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpointer.resume_path()
     assert Checkpointer(CheckpointConfig(resume="auto"), tmp_path, {}, tmp_path).resume_path() is None
+
+
+def _spawned_children(pid: int) -> set[int]:
+    """Processes that `pid` started with multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()}
+
+
+def test_the_checkpoint_writers_results_server_survives_stop_signals(monkeypatch):
+    """Slurm and torchrun send a stop signal to every process of a worker, helpers included; the save that the
+    stop asks for needs megatron-core's results server alive."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # this process may have one from other tests
+    before = _spawned_children(os.getpid())
+    _start_write_results_server()
+    queue = filesystem_async._results_queue
+    (server,) = _spawned_children(os.getpid()) - before
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        os.kill(server, stop)
+    time.sleep(1)
+    queue.put("written")  # raises BrokenPipeError or EOFError once the server is gone
+    assert queue.get(timeout=10) == "written"
+    _start_write_results_server()  # one server for the whole run
+    assert _spawned_children(os.getpid()) - before == {server}
+
+
+def test_the_checkpoint_writers_results_server_ends_with_the_trainer(tmp_path):
+    """Deaf to SIGTERM, it must still not outlive a trainer that was killed."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", "import time; from megatron_s2l.train import checkpoint as c; "
+         "c._start_write_results_server(); print('started', flush=True); time.sleep(300)"],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "started\n"
+        (server,) = _spawned_children(trainer.pid)
+        trainer.kill()
+        trainer.wait(timeout=30)
+        assert wait_for(lambda: not Path(f"/proc/{server}").exists() or
+                        Path(f"/proc/{server}/stat").read_text().split()[2] == "Z", timeout_s=30)
+    finally:
+        trainer.kill()
