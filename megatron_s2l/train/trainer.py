@@ -62,7 +62,7 @@ class Trainer:
     def run(self) -> None:
         """for i = 1..T: split G -> collect -> score -> advantages -> old/ref log-probs -> update -> sync."""
         exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
-        stop = False  # agreed by every rank: a stop signal that reaches ranks at different moments of a step
+        stop = False  # agreed by every rank (a stop signal may reach them at different moments)
         with _stop_on_signals(self), self._save_on_failure():
             while self.step < self.cfg.steps and not stop:
                 step = self.step + 1
@@ -92,7 +92,7 @@ class Trainer:
                 metrics |= perf.memory_metrics(self.learner.device)  # peaks of this step, reset for the next
                 self.metrics.log(step, metrics)
                 self.profiler.step_ends(step)
-                # together (a signal that comes after this is seen in the next step)
+                # every rank goes on, or none does; a signal that comes after this is seen in the next step
                 stop = platform.any_rank(self.stop_requested) or step == exit_at
                 every = self.cfg.checkpoint.every_steps
                 if stop or step == self.cfg.steps or (every and step % every == 0):

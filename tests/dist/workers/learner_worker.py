@@ -2,7 +2,7 @@
 
 argv: HF_DIR OUT_DIR TP PP MICRO_BATCH_SIZE DISTRIBUTED_OPTIMIZER(0|1) MINI_BATCHES_PER_STEP
       SEQUENCE_PARALLEL(0|1) MICRO_BATCH_TOKENS FULL_RECOMPUTE(0|1)
-Rank 0 writes OUT_DIR/metrics.json (per update), OUT_DIR/layout.json (what megatron-core ran) and
+Rank 0 writes OUT_DIR/metrics.json (per update), OUT_DIR/layout.json (what megatron-core ran, every rank's micro-batches) and
 OUT_DIR/params.safetensors (HF names, after).
 Adam with a huge eps and lr makes each update ~ -gradient, so the parameters compare gradients.
 """
@@ -37,7 +37,7 @@ def main():
                             "optimizer.adam_eps": 1e3, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0,
                             "algorithm.entropy_coef": 0.01, "algorithm.kl_coef": 0.05})
     learner = build_learner(cfg, hf_dir)
-    batch = fixed_batch(num_sequences=16)
+    batch = fixed_batch(num_sequences=16, seq_len=26)  # at 26 the data-parallel ranks' token budgets differ
     history = []
     for _ in range(2):
         plan = learner.plan(batch)
@@ -46,11 +46,13 @@ def main():
         history.append(learner.train_step(plan))
     params = dict(convert.iter_hf_tensors(learner.model, learner.args))
     budget = dataclasses.asdict(learner_memory_budget(learner))
+    micro_batches_by_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(micro_batches_by_rank, [len(micro_batches) for micro_batches in plan])
     if dist.get_rank() == 0:
         (out_dir / "metrics.json").write_text(json.dumps(history))
         ran = {"sequence_parallel": learner.model.config.sequence_parallel,
                "recompute": learner.model.config.recompute_granularity,
-               "micro_batches": [len(micro_batches) for micro_batches in plan],
+               "micro_batches_by_rank": micro_batches_by_rank,
                "memory_budget": budget, "memory_measured": measured_learner_bytes(learner)}
         (out_dir / "layout.json").write_text(json.dumps(ran))
         save_file({k: v.contiguous() for k, v in params.items()}, str(out_dir / "params.safetensors"))
