@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,21 +48,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# where dist_checkpointing's writer keeps its results queue: megatron-core's own module, or nvidia-resiliency-ext's
+# (newer megatron-core versions write through it when it is installed, as in the NGC containers)
+_WRITER_MODULES = ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                   "nvidia_resiliency_ext.checkpointing.async_ckpt.filesystem_async")
+
+
 def _start_write_results_server() -> None:
     """dist_checkpointing's writers report back through a multiprocessing Manager, a process that megatron-core
     starts at the first save and keeps. A stop signal sent to the whole job (Slurm's scancel and time limit;
     torchrun, which passes SIGTERM and SIGINT to each worker's process group) reached it too and killed it, so
     the save that the stop asked for failed. Start it here instead, deaf to those signals and ended with this
     process (it would otherwise outlive a SIGKILL of the trainer)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401  (imports the writer it uses)
 
-    if getattr(filesystem_async, "_results_queue", "gone") is not None:  # started already, or a newer megatron
+    unstarted = [sys.modules[name] for name in _WRITER_MODULES
+                 if getattr(sys.modules.get(name), "_results_queue", "absent") is None]
+    if not unstarted:
         return
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     manager.start(_write_results_server_init)
-    filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager (and its process)
+    for module in unstarted:
+        module._results_queue = manager.Queue()  # the queue's proxy keeps the manager (and its process)
 
 
 def _write_results_server_init() -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -107,15 +108,17 @@ def test_the_checkpoint_writers_results_server_survives_stop_signals(monkeypatch
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     monkeypatch.setattr(filesystem_async, "_results_queue", None)  # this process may have one from other tests
+    nvrx = types.SimpleNamespace(_results_queue=None)  # newer megatron-core writes through nvidia-resiliency-ext's
+    monkeypatch.setitem(sys.modules, "nvidia_resiliency_ext.checkpointing.async_ckpt.filesystem_async", nvrx)
     before = _spawned_children(os.getpid())
     _start_write_results_server()
-    queue = filesystem_async._results_queue
     (server,) = _spawned_children(os.getpid()) - before
     for stop in (signal.SIGTERM, signal.SIGINT):
         os.kill(server, stop)
     time.sleep(1)
-    queue.put("written")  # raises BrokenPipeError or EOFError once the server is gone
-    assert queue.get(timeout=10) == "written"
+    for queue in (filesystem_async._results_queue, nvrx._results_queue):
+        queue.put("written")  # raises BrokenPipeError or EOFError once the server is gone
+        assert queue.get(timeout=10) == "written"
     _start_write_results_server()  # one server for the whole run
     assert _spawned_children(os.getpid()) - before == {server}
 
