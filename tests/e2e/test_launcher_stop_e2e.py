@@ -1,8 +1,8 @@
 """Stopping a launched run: a SIGTERM to the launcher alone (docker stop, kill) or to every process of the job
-(Slurm's time limit and scancel signal every process of a step), or Ctrl-C, ends the real torchrun trainer with
-a checkpoint, and the launcher exits only after it. The rollout side is a stand-in that answers /health; the
-trainer samples in-process (rollout.engine=local). A SIGTERM during the explorer pool build stops the build
-and the explorer server before the launcher exits."""
+(Slurm's time limit and scancel signal every process of a step), or Ctrl-C, while a checkpoint is being written,
+ends the real torchrun trainer with a checkpoint, and the launcher exits only after it. The rollout side is a
+stand-in that answers /health; the trainer samples in-process (rollout.engine=local). A SIGTERM during the
+explorer pool build stops the build and the explorer server before the launcher exits."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
            "CONFIG": str(TINY_CONFIG), "LEARNER": toy_world["learner"], "EXPLORER": toy_world["explorer"],
            "DATA": toy_world["train"], "POOL": toy_world["pool"], "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
            "SHUTDOWN_TIMEOUT_S": "300"}
-    overrides = [*toy_overrides(toy_world, **{"steps": 50, "eval.every_steps": 0, "checkpoint.every_steps": 0}),
+    overrides = [*toy_overrides(toy_world, **{"steps": 50, "eval.every_steps": 0, "checkpoint.every_steps": 1}),
                  "rollout.engine=local", "rollout.weight_sync=memory"]
     log = tmp_path / "launcher.log"  # a file, not a pipe: an orphaned trainer would hold a pipe open
     with open(log, "w") as out_file:
@@ -59,13 +59,17 @@ def test_sigterm_stops_the_launched_trainer_with_a_checkpoint_before_the_launche
                                     preexec_fn=sigint_as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():  # a step
+        while not (run_dir / "checkpoints" / ".tmp-step_000002").is_dir():  # stop while step 2 is being saved
             assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()
-            time.sleep(0.5)
+            time.sleep(0.1)
         if target == "launcher":
             launcher.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(launcher.pid, signal.SIGINT if target == "ctrl-c" else signal.SIGTERM)
+        elif target == "ctrl-c":
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:  # as Slurm does: every process, helpers of the trainer's ranks too (torchrun starts each rank in a
+            # session of its own, so a signal to the launcher's process group would not reach them)
+            for proc in [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]:
+                proc.send_signal(signal.SIGTERM)
         launcher.wait(timeout=300)
         left = _trainer_processes(run_dir)  # the moment the launcher has exited
     finally:
