@@ -98,6 +98,13 @@ def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
         _assert_ended_by_ctrl_c(done)
 
 
+def _stop_while_saving_step_2(toy_world: dict, run_dir, stop: str) -> subprocess.CompletedProcess:
+    """Train with two ranks under a bare torchrun, saving every step; stop while step 2 is being saved."""
+    cmd = [*torchrun_prefix(2), "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
+           *toy_overrides(toy_world, steps=50, **{"checkpoint.every_steps": 1}), f"logging.run_dir={run_dir}"]
+    return _stop_when(cmd, (run_dir / "checkpoints" / ".tmp-step_000002").is_dir, stop)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
@@ -105,9 +112,7 @@ def test_a_stop_signal_to_a_bare_torchrun_during_a_save_keeps_that_checkpoint(to
     """torchrun passes SIGTERM and SIGINT on to each worker's whole process group, so the helper processes of
     megatron-core's checkpoint writer get it too (as under Slurm). Here it comes while step 2 is being saved."""
     run_dir = tmp_path / "run"
-    cmd = [*torchrun_prefix(2), "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
-           *toy_overrides(toy_world, steps=50, **{"checkpoint.every_steps": 1}), f"logging.run_dir={run_dir}"]
-    done = _stop_when(cmd, (run_dir / "checkpoints" / ".tmp-step_000002").is_dir, stop)
+    done = _stop_while_saving_step_2(toy_world, run_dir, stop)
     out = done.stdout
     assert (run_dir / "checkpoints" / "step_000002" / "trainer_state.json").is_file(), out[-3000:]
     assert read_rows(run_dir)[-1]["step"] < 50
@@ -121,9 +126,7 @@ def test_a_stop_signal_that_reaches_one_rank_during_a_save_stops_every_rank_afte
     """The ranks decide together whether to go on: a rank that alone left the loop would leave the others
     waiting in the next step's collectives. Here only rank 1 gets it, while step 2 is being saved."""
     run_dir = tmp_path / "run"
-    cmd = [*torchrun_prefix(2), "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
-           *toy_overrides(toy_world, steps=50, **{"checkpoint.every_steps": 1}), f"logging.run_dir={run_dir}"]
-    done = _stop_when(cmd, (run_dir / "checkpoints" / ".tmp-step_000002").is_dir, "sigterm to rank 1")
+    done = _stop_while_saving_step_2(toy_world, run_dir, "sigterm to rank 1")
     out = done.stdout
     assert done.returncode == 0 and [r["step"] for r in read_rows(run_dir)][-2:] == [2, 3], out[-3000:]
     assert read_rows(run_dir)[-1].get("step/interrupted") == 1.0, out[-3000:]  # no sync after the signal
