@@ -73,7 +73,28 @@ class RolloutCollector:
 
     def collect(self, prompts: Sequence[PromptRecord], step: int) -> tuple[list[Group], dict[str, float]]:
         """Groups for `prompts` at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds)."""
-        return self.loop.run_until_complete(self.collect_async(prompts, step))
+        try:
+            return self.loop.run_until_complete(self.collect_async(prompts, step))
+        except BaseException:  # a stop signal: end the requests still in flight, so none lingers or logs later
+            self._cancel_pending()
+            raise
+
+    def _cancel_pending(self) -> None:
+        seen: set[asyncio.Task] = set()
+        for _ in range(10):  # a task that awaited the interrupted one carries the interrupt up again: go on
+            left = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
+            if not left:
+                break
+            seen.update(left)
+            for task in left:
+                task.cancel()
+            try:
+                self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            except BaseException:
+                pass
+        for task in seen:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: asyncio would report it as "never retrieved" when it is collected
 
     def close(self) -> None:
         if self._owns_loop and not self.loop.is_closed():

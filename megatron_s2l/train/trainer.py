@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -147,6 +148,8 @@ class Trainer:
                 raise platform.StepInterrupted(self.stop_signal or "stop")
             yield
             self.interruptible = None  # here, not only in `finally`: a signal there would escape the `except`
+            if self.stop_requested:  # came during the phase, but its exception was lost (see _stop_on_signals)
+                raise platform.StepInterrupted(self.stop_signal or "stop")
         except _StopNow as stop:
             raise platform.StepInterrupted(str(stop)) from None
         finally:
@@ -246,13 +249,22 @@ def _stop_on_signals(trainer: Trainer):
         if trainer.interruptible:
             raise _StopNow(name)
 
+    def drop_lost_stops(unraisable):
+        # Python runs a signal handler wherever the main thread is, also in a finalizer or a weakref callback,
+        # which cannot raise: the interpreter reports the exception there and goes on. The phase then ends
+        # when its work does (Trainer._interruptible), without this traceback.
+        if not isinstance(unraisable.exc_value, _StopNow):
+            previous_hook(unraisable)
+
     handled = [signal.SIGTERM]
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         handled.append(signal.SIGINT)
     previous = {signum: signal.signal(signum, request_stop) for signum in handled}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, drop_lost_stops
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

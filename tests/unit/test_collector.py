@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import time
 import zlib
 
@@ -278,3 +279,26 @@ def test_sample_metrics_split_by_source_and_count_distinct_answers_per_group():
     assert stats["response/mean_length"] == 28 / 6 and stats["response/learner_truncated_frac"] == 0.25
     assert stats["groups/zero_variance_frac"] == 0.5
     assert stats["groups/unique_answer_ratio"] == (3 / 4 + 1 / 2) / 2  # "2", "3", no answer; "2"
+
+
+class _Interrupted:
+    """An engine whose generate is interrupted the way a stop signal interrupts it: by a KeyboardInterrupt."""
+
+    name = "interrupted"
+
+    async def generate(self, prompts, n, params):
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_collection_leaves_no_request_in_flight(engines, tokenizer, caplog):
+    """The next step, or the loop's close, must not meet the interrupted step's requests ("Task exception was
+    never retrieved" tracebacks after a Ctrl-C, seen in CI)."""
+    explorer = Recorder(engines[0], delay=30)  # still waiting when the learner side is interrupted
+    collector = make_collector(_Interrupted(), tokenizer, explorer, explorer_params=PARAMS)
+    with pytest.raises(KeyboardInterrupt):
+        collector.collect(PROMPTS, 2)
+    assert not asyncio.all_tasks(collector.loop)
+    collector.close()
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

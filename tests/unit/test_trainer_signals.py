@@ -138,3 +138,21 @@ def test_sigterm_during_the_update_saves_the_trained_step_without_syncing_it():
     assert [step for step, _ in parts.rows] == [1, 2]
     assert parts.rows[1][1]["step/interrupted"] == 1.0 and parts.rows[1][1]["loss/pg"] == 0.5
     assert "step/interrupted" not in parts.rows[0][1]
+
+
+class _SignalledWhileFinalized:
+    def __del__(self):
+        _signal()  # the handler runs here, where an exception cannot propagate
+
+
+def test_a_stop_signal_whose_exception_is_lost_in_a_finalizer_still_ends_the_phase(capfd):
+    """Python runs a signal handler wherever the main thread is, also inside a finalizer or a weakref callback
+    (seen in CI: importlib's module-lock callback), which report the exception and go on. The phase must still
+    end as interrupted, when its work is done, and without that report's traceback."""
+    trainer = _bare_trainer()
+    with _stop_on_signals(trainer):
+        with pytest.raises(platform.StepInterrupted, match="SIGTERM"):
+            with trainer._interruptible("step 2's rollout collection"):
+                _SignalledWhileFinalized()  # dropped at once: __del__ runs
+                assert trainer.stop_requested  # the handler ran, and its exception went nowhere
+    assert "Traceback" not in capfd.readouterr().err
