@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,19 @@ def sigint_handler(handler) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def spawned_children(pid: int | None = None) -> set[psutil.Process]:
+    """The processes that `pid` (this one by default) started with multiprocessing's spawn: pool workers, managers
+    (not its resource tracker)."""
+    spawned = set()
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                spawned.add(child)
+        except psutil.NoSuchProcess:  # ended meanwhile
+            pass
+    return spawned
 
 
 def run_benchmark(script: str, *args: str, timeout: int = 600) -> dict:

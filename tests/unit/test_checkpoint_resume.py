@@ -3,14 +3,13 @@ to every process of the job leaves the checkpoint writer able to save."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -19,7 +18,7 @@ from megatron_s2l.model import convert, specs
 from megatron_s2l.train.checkpoint import Checkpointer, _start_write_results_server
 from megatron_s2l.train.learner import build_learner
 from tests.learner_fixtures import fixed_batch, learner_config
-from tests.utils import REPO, make_tiny_model, subprocess_env, wait_for
+from tests.utils import REPO, make_tiny_model, spawned_children, subprocess_env, wait_for
 
 
 def _update(learner, seed: int) -> dict:
@@ -96,12 +95,6 @@ def test_resume_from_a_bad_path_names_the_fix(tmp_path):
     assert Checkpointer(CheckpointConfig(resume="auto"), tmp_path, {}, tmp_path).resume_path() is None
 
 
-def _spawned_children(pid: int) -> set[int]:
-    """Processes that `pid` started with multiprocessing's spawn (not its resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()}
-
-
 def test_the_checkpoint_writers_results_server_survives_stop_signals(monkeypatch):
     """Slurm and torchrun send a stop signal to every process of a worker, helpers included; the save that the
     stop asks for needs megatron-core's results server alive."""
@@ -110,17 +103,17 @@ def test_the_checkpoint_writers_results_server_survives_stop_signals(monkeypatch
     monkeypatch.setattr(filesystem_async, "_results_queue", None)  # this process may have one from other tests
     nvrx = types.SimpleNamespace(_results_queue=None)  # newer megatron-core writes through nvidia-resiliency-ext's
     monkeypatch.setitem(sys.modules, "nvidia_resiliency_ext.checkpointing.async_ckpt.filesystem_async", nvrx)
-    before = _spawned_children(os.getpid())
+    before = spawned_children()
     _start_write_results_server()
-    (server,) = _spawned_children(os.getpid()) - before
+    (server,) = spawned_children() - before
     for stop in (signal.SIGTERM, signal.SIGINT):
-        os.kill(server, stop)
+        server.send_signal(stop)
     time.sleep(1)
     for queue in (filesystem_async._results_queue, nvrx._results_queue):
         queue.put("written")  # raises BrokenPipeError or EOFError once the server is gone
         assert queue.get(timeout=10) == "written"
     _start_write_results_server()  # one server for the whole run
-    assert _spawned_children(os.getpid()) - before == {server}
+    assert spawned_children() - before == {server}
 
 
 def test_the_checkpoint_writers_results_server_ends_with_the_trainer(tmp_path):
@@ -131,10 +124,9 @@ def test_the_checkpoint_writers_results_server_ends_with_the_trainer(tmp_path):
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert trainer.stdout.readline() == "started\n"
-        (server,) = _spawned_children(trainer.pid)
+        (server,) = spawned_children(trainer.pid)
         trainer.kill()
         trainer.wait(timeout=30)
-        assert wait_for(lambda: not Path(f"/proc/{server}").exists() or
-                        Path(f"/proc/{server}/stat").read_text().split()[2] == "Z", timeout_s=30)
+        assert wait_for(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, timeout_s=30)
     finally:
         trainer.kill()

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_s2l.config import RewardConfig
 from megatron_s2l.reward import MathScorer
-from tests.utils import sigint_handler, wait_for
+from tests.utils import sigint_handler, spawned_children, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,10 @@ def test_ctrl_c_leaves_the_workers_to_the_trainer():
     """A terminal's Ctrl-C reaches the workers too; the trainer stops cleanly, so they must keep scoring."""
     scorer = MathScorer(RewardConfig(timeout_s=2, num_workers=2))
     try:
-        before = set(psutil.Process().children())  # other tests' pools may be running
+        before = spawned_children()  # other tests' pools may be running
         with sigint_handler(signal.default_int_handler):  # the workers start as from a terminal
             scorer.score_batch(["Answer: 1"], ["1"])  # starts the pool
-        workers = [p for p in set(psutil.Process().children()) - before if "spawn_main" in " ".join(p.cmdline())]
+        workers = spawned_children() - before
         assert len(workers) == 2
         assert wait_for(lambda: all(map(_ignores_sigint, workers)), 30)  # once started (spawn takes a while)
         for worker in workers:
