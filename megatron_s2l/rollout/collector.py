@@ -75,11 +75,13 @@ class RolloutCollector:
         """Groups for `prompts` at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds)."""
         try:
             return self.loop.run_until_complete(self.collect_async(prompts, step))
-        except BaseException:  # a stop signal: end the requests still in flight, so none lingers or logs later
+        except BaseException:  # failed or interrupted (a stop signal): no request of this step may linger
             self._cancel_pending()
             raise
 
     def _cancel_pending(self) -> None:
+        """Cancel the tasks still on the loop and wait for them, retrieving their exceptions: otherwise they
+        run on in the next step's loop, or asyncio reports them as "never retrieved" when they are collected."""
         seen: set[asyncio.Task] = set()
         for _ in range(10):  # a task that awaited the interrupted one carries the interrupt up again: go on
             left = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
@@ -94,7 +96,7 @@ class RolloutCollector:
                 pass
         for task in seen:
             if task.done() and not task.cancelled():
-                task.exception()  # retrieved: asyncio would report it as "never retrieved" when it is collected
+                task.exception()
 
     def close(self) -> None:
         if self._owns_loop and not self.loop.is_closed():
