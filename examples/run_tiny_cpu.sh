@@ -3,14 +3,16 @@
 #
 #   bash examples/run_tiny_cpu.sh [OUT_DIR]        (default runs/demo)
 #
-# 1. toy world: a small explorer and a 4x larger learner (Qwen3 architecture, character tokenizer) trained
-#    from scratch on 1-3 digit addition; the explorer is trained longer, so it solves more.
+# 1. toy world: a small explorer and an 8x larger learner (Qwen3 architecture, character tokenizer) taught
+#    1-3 digit addition differently (megatron_s2l/toy.py): the learner is ahead at pass@1, the explorer at
+#    pass@64, because it writes final carries the learner never does.
 # 2. the explorer pool: the explorer's samples for every training prompt, generated once (S2L-PO's
 #    offline rollouts).
 # 3. S2L-PO: the Megatron-Core learner (gloo, CPU) trains on groups mixing pool samples and its own fresh
 #    samples (LocalEngine), the explorer share annealed from 1 to 0 over T_mix steps.
 # 4. GRPO: the same run with the explorer off.
 # 5. the comparison table (accuracy per step, rollout compute) and PNG plots.
+# The multi-seed comparison with error bars is examples/run_toy_study.sh (docs/DEMO.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo}

@@ -1,4 +1,4 @@
-"""`s2l` command line: train | pool | eval | convert. Parses, builds, runs, closes."""
+"""`s2l` command line: train | pool | eval | study | convert. Parses, builds, runs, closes."""
 
 from __future__ import annotations
 
@@ -105,6 +105,12 @@ def _add_eval(subparsers) -> None:
     add_eval_arguments(subparsers)
 
 
+def _add_study(subparsers) -> None:
+    from megatron_s2l.eval.study import add_study_arguments
+
+    add_study_arguments(subparsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2l", description="megatron-s2l: S2L-PO on Megatron-Core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_pool(subparsers)
     _add_eval(subparsers)
+    _add_study(subparsers)
     _add_convert(subparsers)
     return parser
 

@@ -294,6 +294,9 @@ class EvalConfig:
     `{math500: /data/math500.jsonl, aime25: /data/aime25.jsonl}` (the paper reports four benchmarks)."""
     every_steps: int = 0
     """Evaluate every N steps and after the last one (0: never)."""
+    before_training: bool = True
+    """With every_steps > 0, also evaluate the initial model before the first update (logged as step 0), so
+    that every curve starts from where RL started."""
     max_prompts: int = 200
     """Use at most this many prompts of each held-out set."""
     samples_per_prompt: int = 1

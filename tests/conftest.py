@@ -31,15 +31,13 @@ def tiny_qwen3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
-    """Toy explorer + learner + data (small and quick), and an explorer pool built with `s2l pool build`."""
-    from megatron_s2l.toy import make_toy_world
-    from tests.utils import TINY_CONFIG, run_s2l, toy_overrides
+    """Toy explorer + learner + data (small and quick), and an explorer pool built with `s2l pool build`.
+    Made in a process with one torch thread, so the same machine makes the same world bit for bit (the
+    golden-metrics test relies on it)."""
+    from tests.utils import make_toy_world_quietly
 
-    root = tmp_path_factory.mktemp("toy")
-    paths = make_toy_world(root / "models", explorer_steps=300, learner_steps=60, num_train=48, num_test=16)
-    world = {name: str(path) for name, path in paths.items()} | {"pool": str(root / "pool"), "root": str(root)}
-    run_s2l(["pool", "build", "--config", str(TINY_CONFIG), "--score", *toy_overrides(world)], timeout=300)
-    return world
+    return make_toy_world_quietly(tmp_path_factory.mktemp("toy"), explorer_steps=300, learner_steps=60,
+                                  num_train=48, num_test=16)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -222,6 +222,21 @@ def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def make_toy_world_quietly(root: Path, pool: bool = True, **sizes) -> dict[str, str]:
+    """tools/make_toy_models.py in a one-thread process (sizes: its flags, e.g. learner_steps=60), then an
+    explorer pool built with `s2l pool build`: the paths of the world's parts."""
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in sizes.items()]
+    run_process([sys.executable, "tools/make_toy_models.py", "--out", str(root / "models"), *flags],
+                "make_toy_models.py", timeout=900)
+    models, data = root / "models", root / "models" / "data"
+    world = {"explorer": models / "explorer", "learner": models / "learner", "train": data / "train.jsonl",
+             "test": data / "test.jsonl", "pool": root / "pool", "root": root}
+    world = {name: str(path) for name, path in world.items()}
+    if pool:
+        run_s2l(["pool", "build", "--config", str(TINY_CONFIG), "--score", *toy_overrides(world)], timeout=300)
+    return world
+
+
 def toy_overrides(world: dict, **extra) -> list[str]:
     values = {"model.path": world["learner"], "data.path": world["train"], "eval.path": world["test"],
               "explorer.model_path": world["explorer"], "explorer.pool_path": world["pool"],
@@ -261,5 +276,7 @@ def forward_saved_bytes(model: torch.nn.Module) -> Iterator[dict[int, int]]:
             handle.remove()
 
 
-def read_rows(run_dir: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_rows(run_dir: str | Path, before_training: bool = False) -> list[dict]:
+    """metrics.jsonl's rows; the training steps' only unless `before_training` (step 0: the first evaluation)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if before_training or row["step"] > 0]

@@ -46,7 +46,10 @@ class ConsoleSink:
         self.total_steps = total_steps
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        logger.info(format_progress(step, self.total_steps, metrics))
+        if step == 0:  # the evaluation before the first update
+            logger.info(f"step 0/{self.total_steps} | before training | eval {_fmt(metrics.get('eval/accuracy'))}")
+        else:
+            logger.info(format_progress(step, self.total_steps, metrics))
 
     def close(self) -> None:
         pass

@@ -65,6 +65,8 @@ class Trainer:
         exit_at = self.step + self.cfg.checkpoint.exit_interval if self.cfg.checkpoint.exit_interval else None
         stop = False  # agreed by every rank (a stop signal may reach them at different moments)
         with _stop_on_signals(self), self._save_on_failure():
+            if self.step == 0 and self.cfg.eval.every_steps and self.cfg.eval.before_training:
+                self.metrics.log(0, self.evaluate(0))  # where RL starts from
             while self.step < self.cfg.steps and not stop:
                 step = self.step + 1
                 self.profiler.step_begins(step)

@@ -87,7 +87,7 @@ def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
     cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
            *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
-    done = _stop_when(cmd, lambda: metrics.is_file() and metrics.read_text(), stop)
+    done = _stop_when(cmd, lambda: metrics.is_file() and '"step": 1,' in metrics.read_text(), stop)  # step 1 trained
     out = done.stdout
     last = read_rows(run_dir)[-1]["step"]
     assert last < 50 and (run_dir / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file(), out[-3000:]

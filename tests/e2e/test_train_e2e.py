@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +69,63 @@ def test_grpo_only_and_per_source_modes(toy_world, tmp_path):
         assert row["rollout/explorer_tokens_total"] == 0
     _train(toy_world, tmp_path / "per_source", **{"algorithm.group_mode": "per_source", "schedule.kind": "step"})
     _check_schedule_and_sources(read_rows(tmp_path / "per_source"), kind="step")
+
+
+# Golden metrics: the first 3 steps of a fixed-seed tiny S2L-PO run (mixing on) reproduce the recorded G_w/G_s,
+# rewards, losses and gradient norm. A change that alters the numerics fails here and must update the file on
+# purpose: S2L_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/e2e/test_train_e2e.py -k golden
+# Tolerance: splits and rewards (means of 0/1 scores) exactly; float metrics to a relative 1e-4 (absolute 1e-10
+# near zero), which any change of the algorithm exceeds by orders of magnitude and summation order on the same
+# machine type does not. The toy world is made in one-thread processes (conftest), so the same machine type
+# makes it bit for bit; another CPU type may round differently (then rerun with S2L_UPDATE_GOLDEN=1 and say so).
+GOLDEN = Path(__file__).parent / "golden" / "s2l_3steps.json"
+EXACT = ("schedule/G_w", "schedule/G_s", "reward/explorer_mean", "reward/learner_mean", "rollout/num_samples")
+CLOSE = ("loss/total", "loss/pg", "loss/kl", "loss/entropy", "loss/clip_frac", "train/grad_norm",
+         "advantage/zero_variance_frac", "advantage/explorer_mean",
+         "advantage/learner_mean")
+
+
+@pytest.mark.slow
+def test_golden_metrics_of_the_first_three_steps(toy_world, tmp_path):
+    run_dir = tmp_path / "run"
+    run_s2l(["train", "--config", str(TINY_CONFIG),
+             *toy_overrides(toy_world, steps=3, **{"schedule.t_mix": 3, "eval.every_steps": 0, "seed": 1234,
+                                                   "rollout.group_size": 4, "optimizer.mini_batches_per_step": 2}),
+             f"logging.run_dir={run_dir}"])
+    got = [{key: row[key] for key in EXACT + CLOSE if key in row} for row in read_rows(run_dir)]
+    if os.environ.get("S2L_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert [sorted(row) for row in got] == [sorted(row) for row in want], "the logged metrics changed"
+    assert [(row["schedule/G_w"], row["schedule/G_s"]) for row in got] == [(4, 0), (2, 2), (0, 4)]
+    for step, (mine, recorded) in enumerate(zip(got, want), start=1):
+        for key in mine:
+            tolerance = {} if key in EXACT else {"rel": 1e-4, "abs": 1e-10}
+            assert mine[key] == pytest.approx(recorded[key], **tolerance), f"step {step}: {key}"
+
+
+@pytest.mark.slow
+def test_study_runs_arms_over_seeds_and_resumes(toy_world, tmp_path):
+    out = tmp_path / "study"
+    args = ["study", "--config", str(TINY_CONFIG), "--arms", "s2l,grpo", "--seeds", "2", "--seed-offset", "3",
+            "--premise-k", "4", "--out", str(out), *toy_overrides(toy_world, steps=2, **{"schedule.t_mix": 2})]
+    first = run_s2l(args, timeout=900)
+    study = json.loads((out / "study.json").read_text())
+    assert study["premise"]["k"] == [1, 2, 4]
+    for who in ("explorer", "learner"):  # pass@k cannot fall as k grows
+        values = study["premise"][f"{who}_pass_at_k"]
+        assert values == sorted(values) and 0 <= values[0] <= values[-1] <= 1
+    for arm in ("s2l", "grpo"):
+        results = study["arms"][arm]
+        assert results["seeds"] == [3, 4]
+        for key in ("start_pass1", "final_pass1", "best_pass1", "learner_tokens", "explorer_tokens", "wall_s"):
+            assert len(results[key]) == 2, key
+        # every seed starts from the same model, but samples its own evaluation and its own prompts
+        seeds_rows = [read_rows(out / "runs" / arm / f"seed{s}", before_training=True) for s in (3, 4)]
+        assert [rows[0]["step"] for rows in seeds_rows] == [0, 0]
+        assert results["final_pass1"] == [rows[-1]["eval/accuracy"] for rows in seeds_rows]
+    assert study["arms"]["grpo"]["explorer_tokens"] == [0, 0] and min(study["arms"]["s2l"]["explorer_tokens"]) > 0
+    assert "Premise (before training)" in (out / "study.md").read_text() and (out / "study.png").stat().st_size
+    assert first.stdout.count(": pass@1 ") == 4
+    again = run_s2l(args, timeout=600)  # a finished study: every run is skipped
+    assert again.stdout.count("done earlier, skipped") == 4
