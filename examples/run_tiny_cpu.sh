@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo, stage by stage (what `make demo` runs). Minutes on 2 cores, no GPU, nothing downloaded.
+# The CPU demo, stage by stage (what `make demo` runs). About 7 minutes on 2 cores, no GPU, nothing downloaded.
 #
 #   bash examples/run_tiny_cpu.sh [OUT_DIR]        (default runs/demo)
 #
@@ -17,14 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo}
 PY=${PY:-.venv/bin/python}
-CONFIG=examples/configs/tiny_cpu.yaml
-COMMON=(model.path=$OUT/models/learner data.path=$OUT/models/data/train.jsonl eval.path=$OUT/models/data/test.jsonl
-        explorer.model_path=$OUT/models/explorer explorer.pool_path=$OUT/pool)
+source examples/lib/toy_world.sh
 
-echo "== 1/5 toy explorer and learner"
-[ -f "$OUT/models/learner/config.json" ] || $PY tools/make_toy_models.py --out "$OUT/models"
-echo "== 2/5 explorer pool"
-$PY -m megatron_s2l.cli pool build --config $CONFIG --score "${COMMON[@]}"
+make_toy_world_and_pool 5
 echo "== 3/5 S2L-PO"
 $PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" logging.run_dir=$OUT/s2l
 echo "== 4/5 GRPO baseline (same budget, explorer off)"

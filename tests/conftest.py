@@ -34,9 +34,9 @@ def toy_world(tmp_path_factory):
     """Toy explorer + learner + data (small and quick), and an explorer pool built with `s2l pool build`.
     Made in a process with one torch thread, so the same machine makes the same world bit for bit (the
     golden-metrics test relies on it)."""
-    from tests.utils import make_toy_world_quietly
+    from tests.utils import make_toy_world_in_one_thread
 
-    return make_toy_world_quietly(tmp_path_factory.mktemp("toy"), explorer_steps=300, learner_steps=60,
+    return make_toy_world_in_one_thread(tmp_path_factory.mktemp("toy"), explorer_steps=300, learner_steps=60,
                                   num_train=48, num_test=16)
 
 

@@ -222,7 +222,7 @@ def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def make_toy_world_quietly(root: Path, pool: bool = True, **sizes) -> dict[str, str]:
+def make_toy_world_in_one_thread(root: Path, pool: bool = True, **sizes) -> dict[str, str]:
     """tools/make_toy_models.py in a one-thread process (sizes: its flags, e.g. learner_steps=60), then an
     explorer pool built with `s2l pool build`: the paths of the world's parts."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in sizes.items()]

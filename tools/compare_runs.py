@@ -30,7 +30,8 @@ def comparison_table(run_dirs: list[Path]) -> str:
         cells = []
         for name in names:
             row = runs[name].get(step)
-            split = "-" if row is None else f"{int(row.get('schedule/G_w', 0))}/{int(row.get('schedule/G_s', 0))}"
+            scheduled = row is not None and "schedule/G_w" in row  # step 0, the evaluation before RL, is not
+            split = f"{int(row['schedule/G_w'])}/{int(row.get('schedule/G_s', 0))}" if scheduled else "-"
             cells += [_cell(row, "eval/accuracy"), _cell(row, "success/learner_rate"), split]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     step_time = mixing_step_time(runs)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.utils import TINY_CONFIG, make_toy_world_quietly, read_rows, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, make_toy_world_in_one_thread, read_rows, run_s2l, toy_overrides
 
 MARGIN = 0.05  # held-out pass@1 after minus before: about +0.10 expected, the difference's SE about 0.02
 
 
 @pytest.mark.slow
 def test_grpo_raises_held_out_pass_at_1(tmp_path):
-    world = make_toy_world_quietly(tmp_path / "world", pool=False, explorer_steps=1, num_train=512)
+    world = make_toy_world_in_one_thread(tmp_path / "world", pool=False, explorer_steps=1, num_train=512)
     steps = 10
     overrides = toy_overrides(world, steps=steps, **{
         "explorer.mode": "off", "rollout.group_size": 8, "rollout.prompts_per_step": 32,
