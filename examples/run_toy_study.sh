@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # S2L-PO against GRPO over several seeds on the CPU toy world (`s2l study`): mean ± SE of held-out pass@1.
-# About 25 minutes on 2 cores for 3 arms x 5 seeds of the tiny_cpu.yaml run (docs/DEMO.md).
+# About 20 minutes on 2 cores for 3 arms x 5 seeds of the tiny_cpu.yaml run (docs/DEMO.md).
 #
 #   bash examples/run_toy_study.sh [OUT_DIR] [s2l study flags and key=value overrides...]
 #   bash examples/run_toy_study.sh runs/study --seeds 3 --arms s2l,grpo,constant steps=12

@@ -31,6 +31,23 @@ def pass_ks(k: int) -> list[int]:
     return sorted(set(ks + [k]))
 
 
+def eval_sampling_params(cfg) -> SamplingParams:
+    """How a run's held-out sets are sampled (cfg: RunConfig): eval.* sampling, the rollout's length limit."""
+    ev = cfg.eval
+    return SamplingParams(max_new_tokens=cfg.rollout.max_response_length, temperature=ev.temperature,
+                          top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty, seed=cfg.seed)
+
+
+def load_eval_prompts(cfg, path: str, tokenizer) -> list:
+    """A run's held-out set (cfg: RunConfig): rendered like its training data, in file order, at most
+    eval.max_prompts of them."""
+    from megatron_s2l.config import DataConfig, to_dict
+    from megatron_s2l.data import load_prompts
+
+    data = DataConfig(**{**to_dict(cfg.data), "path": path, "shuffle": False})
+    return load_prompts(data, tokenizer)[: cfg.eval.max_prompts]
+
+
 def evaluate_prompts(engine: RolloutEngine, prompts: list, tokenizer, scorer, k: int, params: SamplingParams,
                      loop: asyncio.AbstractEventLoop) -> tuple[list[dict], dict]:
     """k samples per prompt -> per-problem records and a summary (pass@1..k, lengths, finish reasons)."""

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_s2l.config import ConfigError, DataConfig, RunConfig, load_config, to_dict
+from megatron_s2l.config import ConfigError, RunConfig, load_config
 from megatron_s2l.metrics.runs import read_metrics
 
 ARMS = {  # arm -> config overrides on top of the study's config, given its resolved number of steps
@@ -120,6 +120,13 @@ def run_study(config: str, out: Path, arms: list[str], seeds: list[int], overrid
         out.mkdir(parents=True, exist_ok=True)
         (out / "premise.json").write_text(json.dumps(premise, indent=2))
     setup = {"config": str(config), "overrides": overrides, "steps": cfg.steps, "seeds": seeds}
+
+    def report() -> dict:
+        study = {**collect_results(out, arms, seeds), "setup": setup}
+        write_report(out, study)
+        return study
+
+    study = None  # the report as of the last run this call made
     runs = [(arm, seed) for seed in seeds for arm in arms]
     for i, (arm, seed) in enumerate(runs, 1):
         run_dir, prefix = out / "runs" / arm / f"seed{seed}", f"[{i}/{len(runs)}] {arm} seed {seed}"
@@ -137,10 +144,8 @@ def run_study(config: str, out: Path, arms: list[str], seeds: list[int], overrid
         run = summarize_run(run_dir)
         print(f"{prefix}: pass@1 {run['start_pass1']:.3f} -> {run['final_pass1']:.3f} "
               f"(best {run['best_pass1']:.3f}), {wall_s:.0f} s", flush=True)
-        write_report(out, {**collect_results(out, arms, seeds), "setup": setup})
-    study = {**collect_results(out, arms, seeds), "setup": setup}
-    write_report(out, study)
-    return study
+        study = report()
+    return study or report()  # every run was done earlier: report them all the same
 
 
 def measure_premise(cfg: RunConfig, k: int) -> dict:
@@ -164,23 +169,16 @@ def _evaluate_model(cfg: RunConfig, model_path: str, k: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    from megatron_s2l.data import load_prompts
-    from megatron_s2l.eval.runner import evaluate_prompts
+    from megatron_s2l.eval.runner import eval_sampling_params, evaluate_prompts, load_eval_prompts
     from megatron_s2l.reward import build_scorer
     from megatron_s2l.rollout.local import build_local_engine
-    from megatron_s2l.rollout.types import SamplingParams
 
-    ev = cfg.eval
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data = DataConfig(**{**to_dict(cfg.data), "path": ev.path, "shuffle": False})
-    prompts = load_prompts(data, tokenizer)[: ev.max_prompts]
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length, temperature=ev.temperature,
-                            top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty,
-                            seed=cfg.seed)
+    prompts = load_eval_prompts(cfg, cfg.eval.path, tokenizer)
     engine, scorer = build_local_engine(model_path, seed=cfg.seed), build_scorer(cfg.reward)
     loop = asyncio.new_event_loop()
     try:
-        return evaluate_prompts(engine, prompts, tokenizer, scorer, k, params, loop)[1]
+        return evaluate_prompts(engine, prompts, tokenizer, scorer, k, eval_sampling_params(cfg), loop)[1]
     finally:
         loop.run_until_complete(engine.close())
         scorer.close()
@@ -393,8 +391,6 @@ def add_study_arguments(subparsers) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     arms = list(dict.fromkeys(a.strip() for a in args.arms.split(",") if a.strip()))
-    for arm in arms:
-        arm_overrides(arm, 1)  # an unknown name fails here, naming the valid ones
     if not arms or args.seeds < 1 or args.premise_k < 1:
         raise ValueError("give at least one arm (--arms), --seeds >= 1 and --premise-k >= 1")
     out = Path(args.out)

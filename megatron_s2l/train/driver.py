@@ -25,7 +25,7 @@ from megatron_s2l.rollout.collector import RolloutCollector, build_collector
 from megatron_s2l.rollout.engine import RolloutEngine
 from megatron_s2l.rollout.pool import ExplorerPool, tokenizer_hash
 from megatron_s2l.rollout.schedule import build_schedule
-from megatron_s2l.rollout.types import Group, SamplingParams
+from megatron_s2l.rollout.types import Group
 from megatron_s2l.train.checkpoint import Checkpointer
 from megatron_s2l.train.learner import build_learner
 from megatron_s2l.train.memory_budget import report_memory_budget
@@ -81,13 +81,10 @@ class RolloutSide:
     def evaluate(self) -> dict[str, float]:
         """Mean pass@1 over k samples per problem of the learner replica, whose weights were just synced, on
         each held-out set; with k > 1 also pass@k and the answers' diversity."""
-        from megatron_s2l.eval.runner import evaluate_prompts
+        from megatron_s2l.eval.runner import eval_sampling_params, evaluate_prompts
 
-        ev = self.cfg.eval
-        k = ev.samples_per_prompt
-        params = SamplingParams(max_new_tokens=self.cfg.rollout.max_response_length, temperature=ev.temperature,
-                                top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty,
-                                seed=self.cfg.seed)
+        k = self.cfg.eval.samples_per_prompt
+        params = eval_sampling_params(self.cfg)
         metrics = {}
         for prefix, prompts in self.eval_sets.items():
             _, summary = evaluate_prompts(self.learner_engine, prompts, self.tokenizer, self.scorer, k, params,
@@ -170,8 +167,8 @@ def build_explorer(cfg: RunConfig):
 def build_rollout_side(cfg: RunConfig, learner_params: int, dp_size: int) -> RolloutSide:
     from transformers import AutoTokenizer
 
-    from megatron_s2l.config import DataConfig
-    from megatron_s2l.data import build_dataset, load_prompts
+    from megatron_s2l.data import build_dataset
+    from megatron_s2l.eval.runner import load_eval_prompts
     from megatron_s2l.reward import build_scorer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -179,9 +176,7 @@ def build_rollout_side(cfg: RunConfig, learner_params: int, dp_size: int) -> Rol
     eval_sets = {}
     if cfg.eval.every_steps:
         paths = {"eval": cfg.eval.path} | {f"eval/{name}": path for name, path in cfg.eval.extra.items()}
-        for prefix, path in paths.items():
-            eval_data = DataConfig(**{**to_dict(cfg.data), "path": path, "shuffle": False})
-            eval_sets[prefix] = load_prompts(eval_data, tokenizer)[: cfg.eval.max_prompts]
+        eval_sets = {prefix: load_eval_prompts(cfg, path, tokenizer) for prefix, path in paths.items()}
     explorer = build_explorer(cfg)
     learner_engine = build_learner_engine(cfg)
     scorer = build_scorer(cfg.reward)

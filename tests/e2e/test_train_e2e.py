@@ -81,8 +81,7 @@ def test_grpo_only_and_per_source_modes(toy_world, tmp_path):
 GOLDEN = Path(__file__).parent / "golden" / "s2l_3steps.json"
 EXACT = ("schedule/G_w", "schedule/G_s", "reward/explorer_mean", "reward/learner_mean", "rollout/num_samples")
 CLOSE = ("loss/total", "loss/pg", "loss/kl", "loss/entropy", "loss/clip_frac", "train/grad_norm",
-         "advantage/zero_variance_frac", "advantage/explorer_mean",
-         "advantage/learner_mean")
+         "advantage/zero_variance_frac", "advantage/explorer_mean", "advantage/learner_mean")
 
 
 @pytest.mark.slow
