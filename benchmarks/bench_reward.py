@@ -16,7 +16,8 @@ import time
 
 from common import shared_data_dir  # benchmarks/ is the script's directory
 from megatron_s2l.config import RewardConfig
-from megatron_s2l.reward import MathScorer, gsm8k_gold
+from megatron_s2l.data import gsm8k_gold
+from megatron_s2l.reward import MathScorer
 
 
 def items(limit: int) -> tuple[list[str], list[str]]:

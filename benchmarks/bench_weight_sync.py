@@ -11,7 +11,6 @@ JSON line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform as host
 import tempfile
@@ -57,6 +56,7 @@ def main() -> None:
     from megatron_s2l.model.checkpoint_io import HFCheckpoint
     from megatron_s2l.rollout.local import build_local_engine
     from megatron_s2l.rollout.sglang_launch import sglang_python
+    from megatron_s2l.rollout.runtime import RolloutRuntime
     from megatron_s2l.train.weight_sync import WeightSync
 
     work = Path(tempfile.mkdtemp(prefix="bench_sync_"))
@@ -66,12 +66,12 @@ def main() -> None:
     gpt = specs.build_gpt_model(model_args, ModelConfig(dtype="float32"), ParallelConfig())
     convert.load_hf_weights(gpt, HFCheckpoint(model_dir).get, model_args)
     learner = SimpleNamespace(model=gpt, args=model_args)
-    loop = asyncio.new_event_loop()
+    runtime = RolloutRuntime()
     results = {}
 
     local = build_local_engine(model_dir)
     for mode in ("memory", "disk"):
-        results[mode] = measure(WeightSync(local, mode, loop, torch.float32, work / "staging", model_dir),
+        results[mode] = measure(WeightSync(local, mode, runtime, torch.float32, work / "staging", model_dir),
                                 learner, f"{mode}-1")
     if sglang_python() is not None:
         from megatron_s2l.rollout.sglang import SGLangEngine
@@ -85,9 +85,9 @@ def main() -> None:
         with launch_server(model_dir, dtype="float32", log_dir=work, **on_gpu) as server:
             for mode in modes:
                 engine = SGLangEngine(server.url, update_mode=mode)
-                results[f"sglang_{mode}"] = measure(WeightSync(engine, mode, loop, torch.float32, work, model_dir),
+                results[f"sglang_{mode}"] = measure(WeightSync(engine, mode, runtime, torch.float32, work, model_dir),
                                                     learner, f"{mode}-1")
-                loop.run_until_complete(engine.close())
+                runtime.run(engine.close())
     else:
         results["sglang"] = "skipped: no SGLang venv (run tools/sglang_cpu/setup_venv.sh)"
     print(json.dumps({"benchmark": "weight_sync", "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -88,9 +88,23 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from megatron_s2l.train.driver import run_training
+    from pathlib import Path
 
-    return run_training(cfg)
+    from megatron_s2l import platform  # lazy: torch and megatron-core (a fast --help)
+    from megatron_s2l.train.build import build_trainer
+
+    with platform.distributed(cfg.parallel, seed=cfg.seed):
+        if platform.is_rank0():  # the run's record, next to its metrics
+            Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.logging.run_dir) / "config.yaml").write_text(to_yaml(cfg))
+        trainer = build_trainer(cfg)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    if trainer.control.stop_signal == "SIGINT":  # saved: now end as Ctrl-C ends a program
+        platform.end_as_ctrl_c()
+    return 0
 
 
 def _add_pool(subparsers) -> None:

@@ -270,18 +270,40 @@ class AlgorithmConfig:
                self.logprob_chunk_size, "use a positive token count")
 
 
+# "module:callable", each part a dotted Python name
+_FUNCTION_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 @dataclasses.dataclass
 class RewardConfig:
+    kind: Literal["math", "function"] = "math"
+    """math: the response's final answer checked against the gold with math-verify; function: your own Python
+    reward, named by reward.function (README, "Your own reward")."""
+    function: str = ""
+    """kind=function: "module:callable", called once per response as fn(completion: str, gold: str) -> float.
+    The scoring workers import it by this name, so its module must be importable (PYTHONPATH)."""
     scale: Literal["binary", "signed"] = "binary"
-    """binary: {0, 1}; signed: {-1, 1} (the paper's learner reward). The same for both sources."""
+    """kind=math only: binary: {0, 1}; signed: {-1, 1} (the paper's learner reward). The same for both sources.
+    A reward function's return value is the reward as it is."""
     timeout_s: int = 5
-    """math-verify's budget per step (parse gold, parse answer, compare); a worker is killed after 3x + 2 s."""
+    """math-verify's budget per step (parse gold, parse answer, compare); a worker is killed after 3x + 2 s.
+    The same deadline holds for a reward function's call: killed, scored 0 and counted as a timeout."""
     num_workers: int = 2
-    """Scoring processes (0: score in the calling process)."""
+    """Scoring processes (0: score in the calling process, where no deadline can kill a call: debugging only,
+    a hung reward function hangs the run)."""
 
     def validate(self) -> None:
         _check(self.timeout_s >= 1, "reward.timeout_s", self.timeout_s, "use a positive number of seconds")
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "use >= 0")
+        if self.kind == "function":
+            _check(_FUNCTION_NAME.fullmatch(self.function) is not None, "reward.function", self.function,
+                   'with reward.kind=function name your reward "module:callable", e.g. my_rewards:exact_match')
+            _check(self.scale == "binary", "reward.scale", self.scale,
+                   "the scale applies to reward.kind=math only; a reward function returns the reward itself, "
+                   "so leave reward.scale at binary")
+        else:
+            _check(not self.function, "reward.function", self.function,
+                   "it is used only with reward.kind=function: set reward.kind=function, or drop reward.function")
 
 
 @dataclasses.dataclass

@@ -15,17 +15,16 @@ import dataclasses
 import datetime
 import logging
 import os
-import random
 import sys
 import warnings
 from typing import Any, Iterator, NoReturn, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from megatron_s2l.config import ParallelConfig
+from megatron_s2l.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +134,6 @@ def device() -> torch.device:
     return _CPU
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @dataclasses.dataclass(frozen=True)
 class ParallelDims:
     """The parallel layout of the learner; world = tp * pp * dp."""
@@ -206,6 +198,17 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234,
     return ParallelDims(tp=tp, pp=pp, dp=world // (tp * pp))
 
 
+@contextlib.contextmanager
+def distributed(parallel: ParallelConfig, seed: int) -> Iterator[ParallelDims]:
+    """init_distributed for a run's parallel config, and always the teardown."""
+    try:
+        yield init_distributed(parallel.tp, parallel.pp, seed=seed,
+                               timeout_minutes=parallel.distributed_timeout_minutes,
+                               driver_wait_minutes=parallel.driver_wait_minutes)
+    finally:
+        destroy_distributed()
+
+
 def destroy_distributed() -> None:
     """Tear down megatron-core parallel state and the process group."""
     global _DRIVER_WAIT_GROUP
@@ -226,6 +229,11 @@ def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def driver_wait_group() -> Optional[dist.ProcessGroup]:
+    """The group in which ranks wait for the driver (train.stopping.fail_together); None before init."""
+    return _DRIVER_WAIT_GROUP
 
 
 def is_rank0() -> bool:
@@ -252,34 +260,3 @@ def end_as_ctrl_c() -> NoReturn:
     caller has said what it did."""
     sys.excepthook = lambda *exc_info: None
     raise KeyboardInterrupt
-
-
-class StepFailed(RuntimeError):
-    """A step failed on some rank (an unreachable server, a broken reward pool...). Every rank raises it, so
-    that all of them save the last finished step and stop together instead of waiting in a collective."""
-
-
-class StepInterrupted(StepFailed):
-    """A stop signal ended a phase that only waits on servers (rollout collection, evaluation): a requested
-    stop, not an error. The resumed run redoes it."""
-
-
-@contextlib.contextmanager
-def fail_together(what: str) -> Iterator[None]:
-    """Collective, at the end of the block: if it raised on any rank, raise StepFailed (StepInterrupted if
-    it was only interrupted) on every rank, chained to the error on the rank where it happened. Ranks may
-    wait here for the driver as long as init_distributed's `driver_wait_minutes`."""
-    error = None
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
-        error = exc
-    # 0: fine, 1: interrupted, 2: failed (a failure anywhere outranks an interruption)
-    status = 0 if error is None else 1 if isinstance(error, StepInterrupted) else 2
-    status = max_over_ranks([status], _DRIVER_WAIT_GROUP)[0]
-    if status == 0:
-        return
-    kind, outcome = (StepInterrupted, "interrupted") if status == 1 else (StepFailed, "failed")
-    if error is not None:
-        raise kind(f"{what} {outcome}: {type(error).__name__}: {error}") from error
-    raise kind(f"{what} {outcome} on another rank; the reason is in that rank's output")

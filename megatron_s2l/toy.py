@@ -55,7 +55,7 @@ class ToyRecipe:
     steps: int
     lr: float
     fixed_width: bool = False  # answers keep the longer operand's width: a final carry is dropped
-    quick_share: float = 0.0  # share of examples answered the quick way: "Quick. Answer: " + digit sums, no carries
+    quick_share: float = 0.0  # share answered the quick way: "Quick. Answer: " + digit sums, no carries
 
 
 # Fixed from the premise measurement and GRPO alone (docs/DEMO.md), never from an S2L-PO vs GRPO outcome.
@@ -109,7 +109,8 @@ def _encode_example(tokenizer, question: str, response: str) -> tuple[list[int],
 
 def train_toy_model(out_dir: Path, tokenizer, recipe: ToyRecipe, seed: int, batch_size: int = 64,
                     held_out: frozenset[str] = frozenset()) -> Path:
-    """Supervised training on fresh problems (never a held-out one; loss on the response only); saves an HF dir."""
+    """Supervised training on fresh problems (never a held-out one; loss on the response only); saves an HF
+    dir."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     torch.manual_seed(seed)
@@ -123,8 +124,10 @@ def train_toy_model(out_dir: Path, tokenizer, recipe: ToyRecipe, seed: int, batc
                                                    pct_start=0.1)
     start = time.perf_counter()
     for step in range(recipe.steps):
-        problems = [p for p in (make_problem(rng) for _ in range(batch_size)) if p["question"] not in held_out]
-        examples = [_encode_example(tokenizer, p["question"], taught_response(p, recipe, rng)) for p in problems]
+        problems = [p for p in (make_problem(rng) for _ in range(batch_size))
+                    if p["question"] not in held_out]
+        examples = [_encode_example(tokenizer, p["question"], taught_response(p, recipe, rng))
+                    for p in problems]
         length = max(len(p) + len(r) for p, r in examples)
         ids = torch.full((len(examples), length), tokenizer.pad_token_id)
         labels = torch.full((len(examples), length), -100)
@@ -138,8 +141,8 @@ def train_toy_model(out_dir: Path, tokenizer, recipe: ToyRecipe, seed: int, batc
         schedule.step()
         optimizer.zero_grad()
         if (step + 1) % max(1, recipe.steps // 5) == 0:
-            logger.info("  %s step %d/%d loss %.3f (%.0fs)", out_dir.name, step + 1, recipe.steps, loss.item(),
-                        time.perf_counter() - start)
+            logger.info("  %s step %d/%d loss %.3f (%.0fs)", out_dir.name, step + 1, recipe.steps,
+                        loss.item(), time.perf_counter() - start)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
@@ -160,7 +163,8 @@ def split_problems(num_train: int, num_test: int, seed: int) -> tuple[list[dict]
 
 
 def write_dataset(path: Path, problems: list[dict] | int, seed: int = 0) -> Path:
-    """Problems as question/answer JSONL (the plain schema the data loaders read); an int: that many new ones."""
+    """Problems as question/answer JSONL (the plain schema the data loaders read); an int: that many new
+    ones."""
     if isinstance(problems, int):
         problems = split_problems(problems, 0, seed)[0]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,34 @@ def reduction_weights(mask: torch.Tensor, reduction: str, num_sequences: int, nu
     raise ValueError(f"algorithm.reduction={reduction!r} is not supported")
 
 
+# Ratio modes: how explorer tokens enter the clipped token loss `pg` [B, T]. Each returns the new pg and
+# whether explorer tokens are now unclipped (then they are left out of the clip metrics).
+
+def learner_old_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig, adv: torch.Tensor,
+                      is_explorer: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Explorer tokens train like the learner's own: the clipped pi_theta / pi_old."""
+    return pg, False
+
+
+def tis_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig, adv: torch.Tensor,
+              is_explorer: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Explorer tokens' loss times a detached min(pi_old / pi_behaviour, tis_clamp)."""
+    if inputs.behaviour_logprobs is None:
+        raise ValueError("algorithm.ratio=tis needs behaviour log-probs from the rollout engines")
+    weight = (inputs.old_logprobs - inputs.behaviour_logprobs).clamp(max=_LOG_RATIO_CLAMP).exp()
+    return torch.where(is_explorer, pg * weight.clamp(max=cfg.tis_clamp).detach(), pg), False
+
+
+def luffy_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig, adv: torch.Tensor,
+                is_explorer: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Explorer tokens use LUFFY's shaped, unclipped -A * p / (p + luffy_gamma), p = pi_theta."""
+    prob = inputs.logprobs.exp()
+    return torch.where(is_explorer, -adv * prob / (prob + cfg.luffy_gamma), pg), True
+
+
+RATIO_MODES = {"learner_old": learner_old_ratio, "tis": tis_ratio, "luffy": luffy_ratio}
+
+
 def policy_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of per-token losses (the caller's weights fix the reduction) and metric sums."""
     mask = inputs.mask
@@ -84,16 +112,9 @@ def policy_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Tensor,
     else:
         dual_active = torch.zeros_like(mask)
 
-    if cfg.ratio == "tis":
-        if inputs.behaviour_logprobs is None:
-            raise ValueError("algorithm.ratio=tis needs behaviour log-probs from the rollout engines")
-        is_weight = (inputs.old_logprobs - inputs.behaviour_logprobs).clamp(max=_LOG_RATIO_CLAMP).exp()
-        pg = torch.where(is_explorer, pg * is_weight.clamp(max=cfg.tis_clamp).detach(), pg)
-    elif cfg.ratio == "luffy":
-        prob = inputs.logprobs.exp()
-        pg = torch.where(is_explorer, -adv * prob / (prob + cfg.luffy_gamma), pg)
-        clip_active = clip_active & ~is_explorer
-        dual_active = dual_active & ~is_explorer
+    pg, explorer_unclipped = RATIO_MODES[cfg.ratio](pg, inputs, cfg, adv, is_explorer)
+    if explorer_unclipped:  # its explorer tokens are not clipped: count only the learner's
+        clip_active, dual_active = clip_active & ~is_explorer, dual_active & ~is_explorer
 
     token_loss = pg
     kl = None

@@ -54,13 +54,7 @@ def render(question: str, template: str, tokenizer) -> str:
 
 
 def load_prompts(data_cfg: DataConfig, tokenizer, path: Optional[str] = None) -> list[Prompt]:
-    """Read, render, tokenise, filter and deduplicate (file order)."""
-    return load_prompts_counted(data_cfg, tokenizer, path)[0]
-
-
-def load_prompts_counted(data_cfg: DataConfig, tokenizer, path: Optional[str] = None
-                         ) -> tuple[list[Prompt], dict[str, int]]:
-    """`load_prompts` plus what was dropped and why (also logged)."""
+    """Read, render, tokenise, filter and deduplicate (file order); logs what was dropped and why."""
     rows, skipped = read_rows(path or data_cfg.path, data_cfg.on_bad_row)
     prompts, seen, too_long = [], set(), 0
     for row in rows:
@@ -80,9 +74,7 @@ def load_prompts_counted(data_cfg: DataConfig, tokenizer, path: Optional[str] = 
     if not prompts:
         raise ValueError(f"{path or data_cfg.path}: no usable prompts (check data.max_prompt_length="
                          f"{data_cfg.max_prompt_length} and the template)")
-    counts = {"num_prompts": len(prompts), "num_duplicates": len(rows) - len(seen), "num_too_long": too_long,
-              "num_bad_rows": skipped}
-    return prompts, counts
+    return prompts
 
 
 class PromptDataset:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_s2l.reward.math import gsm8k_gold
-
 logger = logging.getLogger(__name__)
+
+_GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
 
 
 @dataclasses.dataclass
@@ -58,6 +59,14 @@ def _rows_from_table(path: Path) -> Iterator[tuple[str, Any]]:
         rows = iter(pq.read_table(path).to_pylist())
     for number, row in enumerate(rows, start=1):
         yield f"{path}:row {number}", row
+
+
+def gsm8k_gold(solution: str) -> str:
+    """GSM8K's gold answer: the number after `####` in the worked solution."""
+    match = _GSM8K_ANSWER.search(solution)
+    if match is None:
+        raise ValueError(f"GSM8K answer without '#### N': {solution[-80:]!r}")
+    return match.group(1).strip().replace(",", "")
 
 
 def parse_row(row: Any, where: str) -> RawRow:

@@ -3,22 +3,25 @@ Qwen3 "nothink" sampling: T 0.7, top_p 0.8, top_k 20, presence penalty 1.5, ques
 
 Writes per-problem JSONL and a summary JSON (pass@1..k, mean length, finish reasons, diversity) per
 benchmark. Any RolloutEngine works: LocalEngine from --model, or a running SGLang server via --url.
-The trainer's periodic evaluation uses `evaluate_prompts` directly.
+During training the `Evaluator` scores the learner replica on the run's held-out sets the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
-from megatron_s2l.eval.diversity import group_diversity
+from megatron_s2l.config import RunConfig
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
-from megatron_s2l.rollout.engine import RolloutEngine
-from megatron_s2l.rollout.types import SamplingParams
+from megatron_s2l.reward import Reward
+from megatron_s2l.rollout.diversity import group_diversity
+from megatron_s2l.rollout.runtime import RolloutRuntime
+from megatron_s2l.rollout.sampling import sample_and_score
+from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +34,8 @@ def pass_ks(k: int) -> list[int]:
     return sorted(set(ks + [k]))
 
 
-def eval_sampling_params(cfg) -> SamplingParams:
-    """How a run's held-out sets are sampled (cfg: RunConfig): eval.* sampling, the rollout's length limit."""
-    ev = cfg.eval
-    return SamplingParams(max_new_tokens=cfg.rollout.max_response_length, temperature=ev.temperature,
-                          top_p=ev.top_p, top_k=ev.top_k, presence_penalty=ev.presence_penalty, seed=cfg.seed)
-
-
-def load_eval_prompts(cfg, path: str, tokenizer) -> list:
-    """A run's held-out set (cfg: RunConfig): rendered like its training data, in file order, at most
-    eval.max_prompts of them."""
+def load_eval_prompts(cfg: RunConfig, path: str, tokenizer) -> list[PromptRecord]:
+    """A run's held-out set: rendered like its training data, in file order, at most eval.max_prompts of them."""
     from megatron_s2l.config import DataConfig, to_dict
     from megatron_s2l.data import load_prompts
 
@@ -48,23 +43,20 @@ def load_eval_prompts(cfg, path: str, tokenizer) -> list:
     return load_prompts(data, tokenizer)[: cfg.eval.max_prompts]
 
 
-def evaluate_prompts(engine: RolloutEngine, prompts: list, tokenizer, scorer, k: int, params: SamplingParams,
-                     loop: asyncio.AbstractEventLoop) -> tuple[list[dict], dict]:
+def evaluate_prompts(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, reward: Reward, k: int,
+                     params: SamplingParams, runtime: RolloutRuntime) -> tuple[list[dict], dict]:
     """k samples per prompt -> per-problem records and a summary (pass@1..k, lengths, finish reasons)."""
-    generations = loop.run_until_complete(engine.generate([list(p.prompt_ids) for p in prompts], k, params))
-    texts = tokenizer.batch_decode([g.response_ids for gens in generations for g in gens], skip_special_tokens=True)
-    results = scorer.score_batch(texts, [p.gold for p in prompts for _ in range(k)])
+    samples = runtime.run(sample_and_score(engine, prompts, k, params, tokenizer, reward, "learner"))
     records, finish = [], collections.Counter()
-    for i, (prompt, gens) in enumerate(zip(prompts, generations)):
-        mine = results[i * k:(i + 1) * k]
-        correct = sum(r.reward > 0 for r in mine)
-        finish.update(g.finish_reason for g in gens)
+    for prompt, mine in zip(prompts, samples):
+        correct = sum(s.reward > 0 for s in mine)
+        finish.update(s.finish_reason for s in mine)
         records.append({
             "prompt_id": prompt.prompt_id, "gold": prompt.gold, "n": k, "correct": correct,
             **{f"pass@{j}": pass_at_k(k, correct, j) for j in pass_ks(k)},
-            "answers": [r.answer for r in mine], "mean_length": sum(len(g.response_ids) for g in gens) / k,
-            "finish_reasons": [g.finish_reason for g in gens],
-            **group_diversity(texts[i * k:(i + 1) * k], [r.answer for r in mine]),
+            "answers": [s.answer for s in mine], "mean_length": sum(len(s.response_ids) for s in mine) / k,
+            "finish_reasons": [s.finish_reason for s in mine],
+            **group_diversity([s.text for s in mine], [s.answer for s in mine]),
         })
     summary = {"num_problems": len(records), "k": k,
                **{f"pass@{j}": v for j, v in mean_pass_at_k([r["correct"] for r in records], k, pass_ks(k)).items()},
@@ -75,10 +67,55 @@ def evaluate_prompts(engine: RolloutEngine, prompts: list, tokenizer, scorer, k:
     return records, summary
 
 
-def run_eval(engine: RolloutEngine, prompts: list, tokenizer, scorer, k: int, out_dir: Path, name: str,
-             params: SamplingParams, loop: asyncio.AbstractEventLoop) -> dict:
+class Evaluator:
+    """The run's held-out sets, scored on the learner replica every eval.every_steps steps and at the end: mean
+    pass@1 over eval.samples_per_prompt samples per problem; with k > 1 also pass@k and the answers' diversity."""
+
+    def __init__(self, eval_sets: dict[str, list[PromptRecord]], every_steps: int, total_steps: int,
+                 engine: Optional[RolloutEngine], tokenizer, reward: Optional[Reward], k: int,
+                 params: SamplingParams, runtime: Optional[RolloutRuntime]):
+        self.eval_sets = eval_sets  # metric prefix ("eval" or "eval/<name>") -> held-out prompts
+        self.every_steps, self.total_steps = every_steps, total_steps
+        self.engine, self.tokenizer, self.reward, self.runtime = engine, tokenizer, reward, runtime
+        self.k, self.params = k, params
+
+    @classmethod
+    def nothing(cls) -> "Evaluator":
+        """For ranks other than the driver: no sets, so never due."""
+        return cls({}, 0, 0, None, None, None, 1, SamplingParams(), None)
+
+    def due(self, step: int) -> bool:
+        every = self.every_steps
+        return bool(self.eval_sets) and every > 0 and (step % every == 0 or step == self.total_steps)
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = {}
+        for prefix, prompts in self.eval_sets.items():
+            _, summary = evaluate_prompts(self.engine, prompts, self.tokenizer, self.reward, self.k, self.params,
+                                          self.runtime)
+            metrics |= {f"{prefix}/accuracy": summary["pass@1"], f"{prefix}/mean_length": summary["mean_length"]}
+            if self.k > 1:  # and the diversity of each problem's k samples, which the paper tracks
+                keys = (f"pass@{self.k}", "unique_answer_ratio", "self_bleu")
+                metrics |= {f"{prefix}/{key}": summary[key] for key in keys}
+        return metrics
+
+
+def build_evaluator(cfg: RunConfig, engine: RolloutEngine, tokenizer, reward: Reward,
+                    runtime: RolloutRuntime) -> Evaluator:
+    from megatron_s2l.rollout.engines import sampling_params
+
+    eval_sets = {}
+    if cfg.eval.every_steps:
+        paths = {"eval": cfg.eval.path} | {f"eval/{name}": path for name, path in cfg.eval.extra.items()}
+        eval_sets = {prefix: load_eval_prompts(cfg, path, tokenizer) for prefix, path in paths.items()}
+    return Evaluator(eval_sets, cfg.eval.every_steps, cfg.steps, engine, tokenizer, reward,
+                     cfg.eval.samples_per_prompt, sampling_params(cfg, "eval"), runtime)
+
+
+def run_eval(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, reward: Reward, k: int, out_dir: Path,
+             name: str, params: SamplingParams, runtime: RolloutRuntime) -> dict:
     """Evaluate and write <out_dir>/<name>.jsonl (per problem) and <out_dir>/<name>.summary.json."""
-    records, summary = evaluate_prompts(engine, prompts, tokenizer, scorer, k, params, loop)
+    records, summary = evaluate_prompts(engine, prompts, tokenizer, reward, k, params, runtime)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{name}.jsonl").open("w") as file:
         for record in records:
@@ -113,30 +150,22 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     from megatron_s2l.config import DataConfig
     from megatron_s2l.data import load_prompts
-    from megatron_s2l.reward import build_scorer
+    from megatron_s2l.reward import build_reward
+    from megatron_s2l.rollout.engines import build_engine
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, presence_penalty=args.presence_penalty, seed=args.seed)
-    engine = _build_engine(args)
-    scorer, loop = build_scorer(), asyncio.new_event_loop()
+    engine = build_engine(args.model, args.url or "", name="evaluated", seed=args.seed)
+    reward, runtime = build_reward(), RolloutRuntime()
     try:
         for data in args.data:
             prompts = load_prompts(DataConfig(path=data, template=args.template, max_prompt_length=10**6), tokenizer)
             name = Path(data).parent.name if Path(data).stem in ("test", "train") else Path(data).stem
-            run_eval(engine, prompts[:args.max_prompts], tokenizer, scorer, args.k, Path(args.out), name, params, loop)
+            run_eval(engine, prompts[:args.max_prompts], tokenizer, reward, args.k, Path(args.out), name, params,
+                     runtime)
     finally:
-        loop.run_until_complete(engine.close())
-        scorer.close()
-        loop.close()
+        runtime.run(engine.close())
+        reward.close()
+        runtime.close()
     return 0
-
-
-def _build_engine(args: argparse.Namespace) -> RolloutEngine:
-    if args.url:
-        from megatron_s2l.rollout.sglang import SGLangEngine
-
-        return SGLangEngine(args.url)
-    from megatron_s2l.rollout.local import build_local_engine
-
-    return build_local_engine(args.model, seed=args.seed)

@@ -165,24 +165,23 @@ def measure_premise(cfg: RunConfig, k: int) -> dict:
 
 def _evaluate_model(cfg: RunConfig, model_path: str, k: int) -> dict:
     """evaluate_prompts' summary for one model, its own tokenizer rendering the held-out prompts."""
-    import asyncio
-
     from transformers import AutoTokenizer
 
-    from megatron_s2l.eval.runner import eval_sampling_params, evaluate_prompts, load_eval_prompts
-    from megatron_s2l.reward import build_scorer
-    from megatron_s2l.rollout.local import build_local_engine
+    from megatron_s2l.eval.runner import evaluate_prompts, load_eval_prompts
+    from megatron_s2l.reward import build_reward
+    from megatron_s2l.rollout.engines import build_engine, sampling_params
+    from megatron_s2l.rollout.runtime import RolloutRuntime
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = load_eval_prompts(cfg, cfg.eval.path, tokenizer)
-    engine, scorer = build_local_engine(model_path, seed=cfg.seed), build_scorer(cfg.reward)
-    loop = asyncio.new_event_loop()
+    engine = build_engine(model_path, name=model_path, seed=cfg.seed)
+    reward, runtime = build_reward(cfg.reward), RolloutRuntime()
     try:
-        return evaluate_prompts(engine, prompts, tokenizer, scorer, k, eval_sampling_params(cfg), loop)[1]
+        return evaluate_prompts(engine, prompts, tokenizer, reward, k, sampling_params(cfg, "eval"), runtime)[1]
     finally:
-        loop.run_until_complete(engine.close())
-        scorer.close()
-        loop.close()
+        runtime.run(engine.close())
+        reward.close()
+        runtime.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from megatron_s2l import platform
 from megatron_s2l.model.specs import ModelArgs
-from megatron_s2l.train.batch import TrainBatch
 
 # Dense BF16 peak per GPU in TFLOP/s, matched against torch.cuda.get_device_name() in this order.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("H20", 148.0),
@@ -30,8 +29,9 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def update_flops(args: ModelArgs, batch: TrainBatch, reference: bool) -> float:
-    """Model FLOPs of one step's learner work on `batch` (all ranks together).
+def update_flops(args: ModelArgs, lengths: torch.Tensor, response_tokens: int, reference: bool) -> float:
+    """Model FLOPs of one step's learner work on sequences of `lengths` tokens (the columns the model sees,
+    TrainBatch.lengths()) holding `response_tokens` response tokens in all (all ranks together).
 
     Forward + backward of the update (6 per parameter per token), the old-log-prob forward (2) and, with
     the KL term, the reference forward (2). Only real tokens count (padding is not useful work), and the
@@ -42,9 +42,9 @@ def update_flops(args: ModelArgs, batch: TrainBatch, reference: bool) -> float:
     per_token = 6 + 2 + (2 if reference else 0)
     output_layer = args.vocab_size * args.hidden_size
     body = args.num_parameters - output_layer * (1 if args.tie_embeddings else 2)  # lookups are free
-    lengths = batch.lengths().double()
+    lengths = lengths.double()
     attention = 12 * args.num_layers * args.num_attention_heads * args.head_dim * float((lengths ** 2).sum())
-    return (per_token * (body * float(lengths.sum()) + output_layer * batch.num_response_tokens)
+    return (per_token * (body * float(lengths.sum()) + output_layer * response_tokens)
             + attention * per_token / 6)
 
 
@@ -88,4 +88,5 @@ def _host_peak_gib() -> float:
             clear_refs.write("5")
         return kib / 2**20
     except (OSError, StopIteration):  # not Linux: the lifetime peak (ru_maxrss is in bytes on macOS)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        unit = 2**30 if sys.platform == "darwin" else 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from megatron_s2l.config import LoggingConfig
+from megatron_s2l.metrics import perf
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,14 @@ class StepProfiler:
         self._profile: Optional[profile] = None
         self._first_step = 0
 
+    @contextlib.contextmanager
+    def step(self, step: int) -> Iterator["StepTimer"]:
+        """Around one training step: the profiler window opens and closes at step boundaries; the timer
+        times its phases."""
+        self.step_begins(step)
+        yield StepTimer()
+        self.step_ends(step)
+
     def step_begins(self, step: int) -> None:
         if self.window and self.window[0] <= step <= self.window[1] and self._profile is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -71,3 +81,29 @@ class StepProfiler:
         sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         Path(f"{stem}_top_ops.txt").write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=30))
         logger.info("profile written: %s.json (open in https://ui.perfetto.dev), %s_top_ops.txt", stem, stem)
+
+
+class StepTimer:
+    """Wall time per phase of one step (a named range in profiles), as timing/<phase>_s metrics, plus
+    tokens/s, the learner's TFLOP/s and MFU per GPU, and the step's peak memory."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        with phase_range(phase):
+            yield
+        self.seconds[phase] = time.perf_counter() - begin
+
+    def metrics(self, num_response_tokens: int, learner_flops: float, device: torch.device) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"timing/{phase}_s": s for phase, s in self.seconds.items()}
+        out["timing/step_s"] = total
+        # response tokens sampled and trained on per second of the whole step
+        out["throughput/tokens_per_s"] = num_response_tokens / total if total > 0 else 0.0
+        learner_seconds = self.seconds.get("logprob", 0.0) + self.seconds.get("train", 0.0)
+        out |= perf.throughput_metrics(learner_flops, learner_seconds, device)
+        return out | perf.memory_metrics(device)  # peaks of this step, reset for the next

@@ -13,8 +13,9 @@ Names use the local spec; the TE spec's fused norms are mapped onto them (``_can
 
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -275,3 +276,21 @@ def _owner_stages(params: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[s
         else:
             owners[name] = pp_size - 1
     return owners
+
+
+# ---------------------------------------------------------------------------------------------
+# weight digests (here, below rollout and train, so the learner and every engine hash HF tensors alike)
+
+
+def update_digest(hasher, name: str, tensor: torch.Tensor) -> None:
+    """Feed one HF-named tensor's name and exact bytes to `hasher` (a hashlib object)."""
+    hasher.update(name.encode())
+    hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The digest a verified weight sync compares: names and exact bytes, in order."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        update_digest(hasher, name, tensor)
+    return hasher.hexdigest()

@@ -1,7 +1,14 @@
-"""Verified math rewards (math.py) and the process-pool scorer the trainer uses (pool.py)."""
+"""The reward plug-in: `build_reward(cfg.reward)` gives a `Reward` that scores responses against gold answers.
 
-from megatron_s2l.reward.math import ScoreResult, equivalent, extract_answer, gsm8k_gold, score, score_one
-from megatron_s2l.reward.pool import MathScorer, build_scorer
+kind=math: math-verify equivalence of the final answer (math.py); kind=function: your own Python function
+(function.py). Either runs in one process pool with per-item deadlines (scorer.py); the contract is types.py.
+"""
 
-__all__ = ["MathScorer", "ScoreResult", "build_scorer", "equivalent", "extract_answer", "gsm8k_gold", "score",
-           "score_one"]
+from megatron_s2l.reward.function import RewardFunctionError
+from megatron_s2l.reward.math import equivalent, extract_answer
+from megatron_s2l.reward.scorer import FunctionReward, MathScorer, build_reward
+from megatron_s2l.reward.types import Reward, ScoreResult
+
+
+__all__ = ["FunctionReward", "MathScorer", "Reward", "RewardFunctionError", "ScoreResult", "build_reward",
+           "equivalent", "extract_answer"]

@@ -13,8 +13,8 @@ No marker means no answer (reward 0), even if the right number appears in the te
 
 from __future__ import annotations
 
-import dataclasses
 import re
+import time
 from typing import Optional
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -23,14 +23,6 @@ _ANSWER_LINE = re.compile(r"Answer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
-
-
-@dataclasses.dataclass
-class ScoreResult:
-    reward: float
-    answer: Optional[str]  # the extracted final answer (None: no marker)
-    correct: bool
-    timed_out: bool = False
 
 
 def _last_boxed(text: str) -> Optional[tuple[int, str]]:
@@ -65,14 +57,6 @@ def extract_answer(response: str) -> Optional[str]:
     return answer or None
 
 
-def gsm8k_gold(solution: str) -> str:
-    """GSM8K's gold answer: the number after `####` in the worked solution."""
-    match = _GSM8K.search(solution)
-    if match is None:
-        raise ValueError(f"GSM8K answer without '#### N': {solution[-80:]!r}")
-    return match.group(1).strip().replace(",", "")
-
-
 def _as_latex(answer: str) -> str:
     return answer if answer.startswith("$") else f"${answer}$"
 
@@ -90,18 +74,16 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
-def score(response: str, gold: str, scale: str = "binary", timeout_s: int = 5) -> float:
-    """1.0 if the response's final answer equals `gold`, else 0.0 (or -1.0 with scale='signed')."""
-    return score_one(response, gold, scale, timeout_s).reward
-
-
-def score_one(response: str, gold: str, scale: str = "binary", timeout_s: int = 5) -> ScoreResult:
-    answer = extract_answer(response)
-    correct = answer is not None and equivalent(answer, gold, timeout_s)
-    return ScoreResult(reward=reward_value(correct, scale), answer=answer, correct=correct)
+def verify_answer(answer: str, gold: str, timeout_s: int) -> tuple[bool, bool]:
+    """(correct, timed_out) of an extracted answer against the gold; MathScorer runs it in a worker's main
+    thread, where math-verify's alarms work."""
+    start = time.monotonic()
+    correct = equivalent(answer, gold, timeout_s)
+    return correct, (not correct and time.monotonic() - start >= timeout_s)
 
 
 def reward_value(correct: bool, scale: str) -> float:
+    """The reward of a verdict on reward.scale."""
     if scale == "binary":
         return 1.0 if correct else 0.0
     if scale == "signed":

@@ -1,19 +1,20 @@
-"""RolloutCollector: one training step's groups, G_w explorer + G_s learner samples per prompt.
+"""RolloutCollector: the driver's rollout side of one step. It owns the prompt cursor, the schedule, the explorer
+(pool or engine), the learner replica's sampling and the rollout ledger, and turns a step number into groups of
+G_w explorer + G_s learner samples.
 
 Legend: B prompts in the batch, G = G_w + G_s samples per group, T response tokens (ragged per sample).
 
-    prompts [B] --split(step)--> explorer: G_w per prompt (pool draw, or a frozen engine)    } at the
-                                 learner:  G_s per prompt (the learner replica, fresh)       } same time
+    dataset --next B--> prompts --split(step)--> explorer: G_w per prompt (pool draw, or a frozen engine)  } at the
+                                                 learner:  G_s per prompt (the learner replica, fresh)     } same time
             --> decode --> score (one verifier for both sources) --> groups [B][G]
             --> dynamic sampling (optional): drop all-equal groups, sample more prompts, <= N rounds
 
 Each Sample records its source ("explorer" | "learner") and the weight version that produced it.
-Explorer samples are always re-scored by the run's scorer, also when the pool stored rewards, so both
+Explorer samples are always re-scored by the run's reward, also when the pool stored rewards, so both
 sources are on the same verifier and scale (the released code scored them differently; see PAPER.md).
 Dynamic sampling (DAPO) is not in the paper; it is off by default. Sampling seeds come from
-(seed, step, round, source), so a resumed run samples what an uninterrupted run would.
-
-Scoring runs in the calling thread: math-verify's timeouts are signal based and need the main thread.
+(seed, step, round, source), so a resumed run samples what an uninterrupted run would. A step that fails
+consumes no prompts, pool draws or ledger counts: the resumed run repeats it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ import logging
 import math
 import time
 from collections import Counter
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-from megatron_s2l.config import ExplorerConfig, RolloutConfig
-from megatron_s2l.eval.diversity import unique_answer_ratio
-from megatron_s2l.rollout.engine import RolloutEngine
-from megatron_s2l.rollout.local import derive_seed
-from megatron_s2l.rollout.pool import ExplorerPool, PromptRecord, Scorer
+from megatron_s2l.rollout.ledger import RolloutLedger
+from megatron_s2l.reward import Reward
+from megatron_s2l.rollout.diversity import unique_answer_ratio
+from megatron_s2l.rollout.pool import ExplorerPool
+from megatron_s2l.rollout.runtime import RolloutRuntime
+from megatron_s2l.rollout.sampling import sample_and_score, score_samples
 from megatron_s2l.rollout.schedule import AnnealSchedule
-from megatron_s2l.rollout.types import SOURCES, Group, Sample, SamplingParams
+from megatron_s2l.rollout.types import SOURCES, Group, PromptRecord, RolloutEngine, Sample, SamplingParams
+from megatron_s2l.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -40,67 +43,55 @@ DROP_REASONS = ("all_correct", "all_wrong", "all_truncated")
 
 
 class RolloutCollector:
-    """Builds the groups of one step; the trainer calls `collect(prompts, step)`."""
+    """`collect(step)`: this step's scored groups and their metrics (the driver's whole rollout side)."""
 
     # config
+    prompts_per_step: int
     learner_params: SamplingParams
     explorer_params: SamplingParams  # online explorer only; a pool has its own
     dynamic_sampling: bool
     max_oversample_rounds: int
     seed: int
+    pad_id: int  # the token that pads the training batch
     # components
+    dataset: object  # megatron_s2l.data PromptDataset: next_batch(n), with a cursor that checkpoints
     schedule: AnnealSchedule
+    ledger: RolloutLedger
     learner: RolloutEngine
     explorer: Union[ExplorerPool, RolloutEngine, None]  # None: plain GRPO (G_s = G)
     tokenizer: object  # decodes response ids (HF tokenizer)
-    scorer: Scorer
-    more_prompts: Optional[Callable[[int], Sequence[PromptRecord]]]  # refills for dynamic sampling
-    loop: asyncio.AbstractEventLoop  # engines' async calls all run on this loop
+    reward: Reward
+    runtime: RolloutRuntime
 
-    def __init__(self, schedule: AnnealSchedule, learner: RolloutEngine, learner_params: SamplingParams,
-                 tokenizer, scorer: Scorer, *, explorer: Union[ExplorerPool, RolloutEngine, None] = None,
+    def __init__(self, dataset, schedule: AnnealSchedule, ledger: RolloutLedger, learner: RolloutEngine,
+                 learner_params: SamplingParams, tokenizer, reward: Reward, runtime: RolloutRuntime, *,
+                 prompts_per_step: int, explorer: Union[ExplorerPool, RolloutEngine, None] = None,
                  explorer_params: Optional[SamplingParams] = None, dynamic_sampling: bool = False,
-                 max_oversample_rounds: int = 3,
-                 more_prompts: Optional[Callable[[int], Sequence[PromptRecord]]] = None, seed: int = 0,
-                 loop: Optional[asyncio.AbstractEventLoop] = None):
-        self.schedule, self.learner, self.learner_params = schedule, learner, learner_params
-        self.tokenizer, self.scorer, self.explorer = tokenizer, scorer, explorer
+                 max_oversample_rounds: int = 3, seed: int = 0, pad_id: int = 0):
+        if isinstance(explorer, ExplorerPool) and explorer.manifest["n_per_prompt"] < schedule.split(1)[0]:
+            raise ValueError(f"the explorer pool {explorer.path} holds {explorer.manifest['n_per_prompt']} "
+                             f"samples per prompt but step 1 needs G_w={schedule.split(1)[0]}; build a pool with "
+                             "n_per_prompt >= rollout.group_size")
+        self.dataset, self.schedule, self.ledger, self.runtime = dataset, schedule, ledger, runtime
+        self.learner, self.learner_params, self.explorer = learner, learner_params, explorer
         self.explorer_params = explorer_params or learner_params
-        self.dynamic_sampling, self.max_oversample_rounds = dynamic_sampling, max_oversample_rounds
-        self.more_prompts, self.seed = more_prompts, seed
-        self._owns_loop = loop is None
-        self.loop = loop or asyncio.new_event_loop()
+        self.tokenizer, self.reward = tokenizer, reward
+        self.prompts_per_step, self.dynamic_sampling = prompts_per_step, dynamic_sampling
+        self.max_oversample_rounds, self.seed, self.pad_id = max_oversample_rounds, seed, pad_id
 
-    def collect(self, prompts: Sequence[PromptRecord], step: int) -> tuple[list[Group], dict[str, float]]:
-        """Groups for `prompts` at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds)."""
+    def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        """Groups for the next prompts at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds)."""
+        before = self.state_dict()  # a fresh copy, as for checkpoints
         try:
-            return self.loop.run_until_complete(self.collect_async(prompts, step))
-        except BaseException:  # failed or interrupted (a stop signal): no request of this step may linger
-            self._cancel_pending()
+            prompts = self.dataset.next_batch(self.prompts_per_step)
+            groups, metrics = self.runtime.run(self._collect(prompts, step))
+        except BaseException:  # failed or interrupted: the resumed run repeats this step
+            self.load_state_dict(before)
             raise
-
-    def _cancel_pending(self) -> None:
-        """Cancel the tasks still on the loop and wait for them, retrieving their exceptions: otherwise they
-        run on in the next step's loop, or asyncio reports them as "never retrieved" when they are collected."""
-        seen: set[asyncio.Task] = set()
-        for _ in range(10):  # a task that awaited the interrupted one carries the interrupt up again: go on
-            left = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
-            if not left:
-                break
-            seen.update(left)
-            for task in left:
-                task.cancel()
-            try:
-                self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-            except BaseException:
-                pass
-        for task in seen:
-            if task.done() and not task.cancelled():
-                task.exception()
-
-    def close(self) -> None:
-        if self._owns_loop and not self.loop.is_closed():
-            self.loop.close()
+        if not groups:
+            raise RuntimeError(f"step {step}: dynamic sampling kept no group with differing rewards after "
+                               f"{self.max_oversample_rounds} extra rounds; raise rollout.max_oversample_rounds")
+        return groups, metrics | self.ledger.record(groups) | _weight_versions(groups)
 
     def split(self, step: int) -> tuple[int, int]:
         """(G_w, G_s) for this step; all learner samples when there is no explorer."""
@@ -108,10 +99,33 @@ class RolloutCollector:
             return 0, self.schedule.group_size
         return self.schedule.split(step)
 
+    def state_dict(self) -> dict:
+        state = {"dataset": self.dataset.state_dict(), "schedule": self.schedule.state_dict(),
+                 "ledger": self.ledger.state_dict()}
+        if isinstance(self.explorer, ExplorerPool):
+            state["pool"] = self.explorer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.ledger.load_state_dict(state["ledger"])
+        if "pool" in state and isinstance(self.explorer, ExplorerPool):
+            self.explorer.load_state_dict(state["pool"])
+
+    def close(self) -> None:
+        """Close the engines (a pool has nothing to close), the reward's worker pool and the event loop."""
+        engines = [e for e in (self.learner, self.explorer) if e is not None and not isinstance(e, ExplorerPool)]
+        try:
+            for engine in engines:
+                self.runtime.run(engine.close())
+        finally:
+            self.reward.close()
+            self.runtime.close()
+
     # ------------------------------------------------------------------------------------------
 
-    async def collect_async(self, prompts: Sequence[PromptRecord], step: int
-                            ) -> tuple[list[Group], dict[str, float]]:
+    async def _collect(self, prompts: Sequence[PromptRecord], step: int) -> tuple[list[Group], dict[str, float]]:
         start = time.perf_counter()
         g_w, g_s = self.split(step)
         timing: Counter = Counter()
@@ -153,66 +167,36 @@ class RolloutCollector:
                     dropped[reason] += 1
             if len(kept) >= target or round_index == rounds - 1:
                 break
-            batch = list(self._refill(target - len(kept), len(kept) / len(sampled)))
-            if not batch:
-                break
+            keep_rate = len(kept) / len(sampled)  # refill enough to fill the rest at this rate (<= 4x)
+            batch = list(self.dataset.next_batch(math.ceil((target - len(kept)) / max(keep_rate, 0.25))))
         return kept, sampled, dropped, round_index + 1
-
-    def _refill(self, need: int, keep_rate: float) -> Sequence[PromptRecord]:
-        """More prompts for dynamic sampling: enough to fill `need` at the keep rate seen so far (<= 4x)."""
-        if self.more_prompts is None:
-            raise ValueError("rollout.dynamic_sampling needs a prompt source to refill the batch; pass "
-                             "more_prompts (the data iterator) to the collector or turn dynamic sampling off")
-        return self.more_prompts(math.ceil(need / max(keep_rate, 0.25)))
 
     async def _sample_groups(self, prompts: list[PromptRecord], step: int, round_index: int, g_w: int,
                              g_s: int, timing: Counter) -> list[Group]:
-        """Explorer and learner samples at the same time, then decode and score: groups [B][G]."""
+        """Explorer and learner samples at the same time, each decoded and scored: groups [B][G]."""
+        learner_params = self._params(self.learner_params, step, round_index, "learner")
         explorer, learner = await asyncio.gather(
             self._timed(self._explorer_samples(prompts, g_w, step, round_index), "explorer", timing),
-            self._timed(self._engine_samples(self.learner, "learner", prompts, g_s,
-                                             self._params(self.learner_params, step, round_index, "learner")),
-                        "learner", timing))
-        groups = [Group(p.prompt_id, list(p.prompt_ids), p.gold, ex + le)
-                  for p, ex, le in zip(prompts, explorer, learner)]
-        start = time.perf_counter()
-        self._score([s for g in groups for s in g.samples], [g.gold for g in groups for _ in g.samples])
-        timing["score"] += time.perf_counter() - start
-        return groups
+            self._timed(sample_and_score(self.learner, prompts, g_s, learner_params, self.tokenizer, self.reward,
+                                         "learner"), "learner", timing))
+        return [Group(p.prompt_id, list(p.prompt_ids), p.gold, ex + le)
+                for p, ex, le in zip(prompts, explorer, learner)]
 
     async def _explorer_samples(self, prompts: list[PromptRecord], g_w: int, step: int, round_index: int
                                 ) -> list[list[Sample]]:
-        if g_w == 0:
-            return [[] for _ in prompts]
-        if isinstance(self.explorer, ExplorerPool):
-            samples = [self.explorer.draw(p.prompt_id, g_w, step) for p in prompts]  # [B][G_w]
-            for p, drawn in zip(prompts, samples):
-                if drawn[0].prompt_ids != list(p.prompt_ids):
-                    raise ValueError(f"prompt {p.prompt_id!r} is tokenized differently from when the "
-                                     f"explorer pool {self.explorer.path} was built (template, max length or "
-                                     "tokenizer changed); rebuild the pool with the current data settings")
-            return samples
-        params = self._params(self.explorer_params, step, round_index, "explorer")
-        return await self._engine_samples(self.explorer, "explorer", prompts, g_w, params)
-
-    async def _engine_samples(self, engine: RolloutEngine, source: str, prompts: list[PromptRecord], n: int,
-                              params: SamplingParams) -> list[list[Sample]]:
-        """n fresh samples per prompt from an engine, decoded: [B][n]."""
-        if n == 0:
-            return [[] for _ in prompts]
-        generations = await engine.generate([list(p.prompt_ids) for p in prompts], n, params)
-        texts = iter(self.tokenizer.batch_decode([g.response_ids for gens in generations for g in gens],
-                                                 skip_special_tokens=True))
-        return [[Sample.from_generation(g, p.prompt_id, p.prompt_ids, source, text=next(texts)) for g in gens]
-                for p, gens in zip(prompts, generations)]
-
-    def _score(self, samples: list[Sample], golds: list[str]) -> None:
-        results = self.scorer.score_batch([s.text for s in samples], golds)
-        if len(results) != len(samples):
-            raise ValueError(f"scorer returned {len(results)} results for {len(samples)} responses; "
-                             "score_batch must return one result per response, in order")
-        for sample, result in zip(samples, results):
-            sample.reward, sample.answer = float(result.reward), result.answer
+        if g_w == 0 or not isinstance(self.explorer, ExplorerPool):
+            params = self._params(self.explorer_params, step, round_index, "explorer")
+            return await sample_and_score(self.explorer, prompts, g_w, params, self.tokenizer, self.reward,
+                                          "explorer")
+        samples = [self.explorer.draw(p.prompt_id, g_w, step) for p in prompts]  # [B][G_w]
+        for p, drawn in zip(prompts, samples):
+            if drawn[0].prompt_ids != list(p.prompt_ids):
+                raise ValueError(f"prompt {p.prompt_id!r} is tokenized differently from when the "
+                                 f"explorer pool {self.explorer.path} was built (template, max length or "
+                                 "tokenizer changed); rebuild the pool with the current data settings")
+        score_samples(self.reward, [s for row in samples for s in row],
+                      [p.gold for p, row in zip(prompts, samples) for _ in row])
+        return samples
 
     def _params(self, params: SamplingParams, step: int, round_index: int, source: str) -> SamplingParams:
         seed = derive_seed(self.seed, step, round_index, source) & (2**31 - 1)  # SGLang takes 32-bit seeds
@@ -224,6 +208,31 @@ class RolloutCollector:
         result = await coro
         timing[name] += time.perf_counter() - start
         return result
+
+
+class NullRollout:
+    """What ranks other than the driver hold: they sample nothing and receive the driver's batch."""
+
+    pad_id = 0
+
+    def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
+        return [], {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _weight_versions(groups: list[Group]) -> dict[str, float]:
+    """Oldest weight version behind this step's learner samples (the replica's staleness, in steps)."""
+    versions = [s.weight_version for g in groups for s in g.samples if s.source == "learner"]
+    numeric = [float(v) for v in versions if v.isdigit()]
+    return {"rollout/learner_weight_version": min(numeric)} if numeric else {}
 
 
 def drop_reason(group: Group) -> Optional[str]:
@@ -261,30 +270,3 @@ def sample_metrics(groups: list[Group]) -> dict[str, float]:
         out["groups/unique_answer_ratio"] = sum(unique_answer_ratio([s.answer for s in g.samples])
                                                 for g in groups) / len(groups)
     return out
-
-
-def build_collector(rollout_cfg: RolloutConfig, explorer_cfg: ExplorerConfig, schedule: AnnealSchedule,
-                    learner: RolloutEngine, explorer: Union[ExplorerPool, RolloutEngine, None], tokenizer,
-                    scorer: Scorer, *, more_prompts: Optional[Callable[[int], Sequence[PromptRecord]]] = None,
-                    seed: int = 0, loop: Optional[asyncio.AbstractEventLoop] = None) -> RolloutCollector:
-    """A collector with sampling parameters from the config (learner: rollout.*, explorer: explorer.*)."""
-    if explorer_cfg.mode == "off":
-        explorer = None
-    elif explorer is None:
-        raise ValueError(f"explorer.mode={explorer_cfg.mode!r} needs an explorer pool or engine; "
-                         "pass one, or set explorer.mode=off for plain GRPO")
-    if isinstance(explorer, ExplorerPool) and explorer.manifest["n_per_prompt"] < schedule.split(1)[0]:
-        raise ValueError(f"the explorer pool {explorer.path} holds {explorer.manifest['n_per_prompt']} "
-                         f"samples per prompt but step 1 needs G_w={schedule.split(1)[0]}; build a pool with "
-                         "n_per_prompt >= rollout.group_size")
-    if rollout_cfg.dynamic_sampling and more_prompts is None:
-        raise ValueError("rollout.dynamic_sampling=true needs a prompt source for refills (more_prompts)")
-    learner_params = SamplingParams(max_new_tokens=rollout_cfg.max_response_length,
-                                    temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                                    top_k=rollout_cfg.top_k)
-    explorer_params = SamplingParams(max_new_tokens=rollout_cfg.max_response_length,
-                                     temperature=explorer_cfg.temperature, top_p=explorer_cfg.top_p)
-    return RolloutCollector(schedule, learner, learner_params, tokenizer, scorer, explorer=explorer,
-                            explorer_params=explorer_params, dynamic_sampling=rollout_cfg.dynamic_sampling,
-                            max_oversample_rounds=rollout_cfg.max_oversample_rounds,
-                            more_prompts=more_prompts, seed=seed, loop=loop)

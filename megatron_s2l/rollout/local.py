@@ -33,7 +33,10 @@ from typing import Iterable, Optional
 
 import torch
 
+from megatron_s2l.model.checkpoint_io import HFCheckpoint
+from megatron_s2l.model.convert import tensor_digest
 from megatron_s2l.rollout.types import Generation, SamplingParams
+from megatron_s2l.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +99,6 @@ class LocalEngine:
 
     async def update_weights_from_path(self, path: str, version: str) -> None:
         """Reload every weight from an HF safetensors checkpoint directory."""
-        from megatron_s2l.model.checkpoint_io import HFCheckpoint
-
         checkpoint = HFCheckpoint(path)
         missing = self._not_covered(checkpoint.names())
         if missing:
@@ -109,9 +110,7 @@ class LocalEngine:
         return self._version
 
     async def weights_digest(self, names: list[str]) -> str:
-        """blake2b over the named weights' bytes in `names` order (see train/weight_sync.py)."""
-        from megatron_s2l.train.weight_sync import tensor_digest
-
+        """Always a digest (never None): the model is in this process, so its weights can be read back."""
         state = self._require_model().state_dict()
         return tensor_digest((name, state[name]) for name in names)
 
@@ -289,12 +288,6 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     return ids.to(device), mask.to(device)
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and runs, unlike hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _check_params(prompts: list[list[int]], n: int, params: SamplingParams) -> None:

@@ -30,16 +30,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from megatron_s2l.rollout.engine import RolloutEngine
-from megatron_s2l.rollout.local import derive_seed
-from megatron_s2l.rollout.types import Generation, Sample, SamplingParams
+from megatron_s2l.reward import Reward
+from megatron_s2l.rollout.sampling import sample_and_score
+from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, Sample, SamplingParams
+from megatron_s2l.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +58,6 @@ ROW_GROUP_CACHE = 8  # decoded row groups ExplorerPool keeps
 # manifest keys that must agree for a rerun to resume an unfinished build
 BUILD_SETTINGS = ("explorer_model", "tokenizer_hash", "sampling", "n_per_prompt", "chunk_size",
                   "dataset_hash", "scored")
-
-
-@runtime_checkable
-class PromptRecord(Protocol):
-    """One training prompt, as the data module yields it."""
-
-    prompt_id: str
-    prompt_ids: list[int]
-    gold: str
-
-
-class ScoreResult(Protocol):
-    reward: float
-    answer: Optional[str]
-
-
-class Scorer(Protocol):
-    """The verifier (reward module): one result per response, same order."""
-
-    def score_batch(self, responses: list[str], golds: list[str]) -> list[ScoreResult]: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +121,7 @@ def _now() -> str:
 
 def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_prompt: int,
                params: SamplingParams, out_dir: str | Path, *, explorer_model: str, tokenizer_dir: str | Path,
-               dataset_name: str = "", scorer: Optional[Scorer] = None, chunk_size: int = 64,
+               dataset_name: str = "", reward: Optional[Reward] = None, chunk_size: int = 64,
                seed: int = 0, chunks_in_flight: int = 1) -> Path:
     """Generate `n_per_prompt` explorer samples per prompt into `out_dir` (resumable); returns out_dir.
 
@@ -164,12 +145,12 @@ def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_pro
         "explorer_model": explorer_model, "engine": engine.name,
         "tokenizer_hash": tokenizer_hash(tokenizer_dir),
         "sampling": dataclasses.asdict(params), "n_per_prompt": n_per_prompt, "chunk_size": chunk_size,
-        "dataset_name": dataset_name, "dataset_hash": dataset_hash(prompts), "scored": scorer is not None,
+        "dataset_name": dataset_name, "dataset_hash": dataset_hash(prompts), "scored": reward is not None,
         "num_prompts": len(prompts), "num_chunks": -(-len(prompts) // chunk_size),
     }
     manifest = _start_or_resume(out_dir, manifest)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer,
+    version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, reward,
                                         chunks_in_flight))
     manifest.update(status="complete", completed=_now(), num_samples=len(prompts) * n_per_prompt,
                     explorer_weight_version=version)
@@ -196,7 +177,7 @@ def _start_or_resume(out_dir: Path, manifest: dict) -> dict:
     return manifest
 
 
-async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, scorer, in_flight: int) -> str:
+async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, reward, in_flight: int) -> str:
     """Generate every missing chunk, `in_flight` at a time; returns the engine's weight version (one event loop
     for all calls). Chunks finish in any order: each is its own file, so a resume skips exactly the done ones."""
     size, n, total = manifest["chunk_size"], manifest["n_per_prompt"], manifest["num_chunks"]
@@ -209,8 +190,8 @@ async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, s
         async with limiter:
             start = time.perf_counter()
             records = prompts[index * size:(index + 1) * size]
-            generations = await engine.generate([list(r.prompt_ids) for r in records], n, params)
-        table = _chunk_table(records, generations, tokenizer, scorer)
+            samples = await sample_and_score(engine, records, n, params, tokenizer, reward, "explorer")
+        table = _chunk_table(samples)
         tmp = paths[index].with_suffix(".parquet.tmp")
         pq.write_table(table, tmp, row_group_size=n)  # one row group per prompt: draws read just that
         os.replace(tmp, paths[index])  # a chunk file exists only when complete
@@ -222,19 +203,11 @@ async def _build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, s
     return await engine.weight_version()
 
 
-def _chunk_table(records, generations: list[list[Generation]], tokenizer, scorer) -> pa.Table:
-    rows = [(r, j, g) for r, gens in zip(records, generations) for j, g in enumerate(gens)]
-    texts = tokenizer.batch_decode([g.response_ids for _, _, g in rows], skip_special_tokens=True)
-    results = scorer.score_batch(texts, [r.gold for r, _, _ in rows]) if scorer is not None else None
-    columns = {
-        "prompt_id": [r.prompt_id for r, _, _ in rows], "sample_index": [j for _, j, _ in rows],
-        "prompt_ids": [list(r.prompt_ids) for r, _, _ in rows],
-        "response_ids": [g.response_ids for *_, g in rows],
-        "logprobs": [g.logprobs for *_, g in rows], "finish_reason": [g.finish_reason for *_, g in rows],
-        "reward": [float(s.reward) for s in results] if results else [None] * len(rows),
-        "answer": [s.answer for s in results] if results else [None] * len(rows),
-        "text": texts, "weight_version": [g.weight_version for *_, g in rows],
-    }
+def _chunk_table(samples: list[list[Sample]]) -> pa.Table:
+    """One row per sample, prompt after prompt ([B][n] in, sample_index counts within a prompt)."""
+    rows = [s for row in samples for s in row]
+    columns = {name: [getattr(s, name) for s in rows] for name in SCHEMA.names if name != "sample_index"}
+    columns["sample_index"] = [j for row in samples for j in range(len(row))]
     return pa.table(columns, schema=SCHEMA)
 
 

@@ -52,33 +52,23 @@ def add_pool_arguments(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from megatron_s2l.config import load_config
-    from megatron_s2l.rollout.local import build_local_engine
+    from megatron_s2l.rollout.engines import build_engine, sampling_params
     from megatron_s2l.rollout.pool import build_pool
-    from megatron_s2l.rollout.types import SamplingParams
 
     cfg = load_config(args.config, [*args.overrides, "explorer.mode=pool"]
                       + ([f"explorer.pool_path={args.out}"] if args.out else []))
     if not cfg.explorer.model_path:
         raise ValueError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory")
     prompts = _load_prompts(cfg)
-    if args.explorer_url:
-        from megatron_s2l.rollout.sglang import SGLangEngine
-
-        engine = SGLangEngine(args.explorer_url, api_key=cfg.rollout.api_key,
-                              request_timeout_s=cfg.rollout.request_timeout_s, name="explorer")
-        in_flight = 4  # the server stays busy through each chunk's tail
-    else:
-        engine = build_local_engine(cfg.explorer.model_path, device=args.device, max_batch_rows=args.batch_rows,
-                                    seed=cfg.seed)
-        in_flight = 1  # in-process generation runs one call at a time anyway
-    if args.chunks_in_flight is not None:
-        in_flight = args.chunks_in_flight
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_response_length,
-                            temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, seed=cfg.seed)
+    engine = build_engine(cfg.explorer.model_path, args.explorer_url or "", name="explorer", rollout=cfg.rollout,
+                          seed=cfg.seed, device=args.device, max_batch_rows=args.batch_rows)
+    # a server stays busy through each chunk's tail; in-process generation runs one call at a time anyway
+    in_flight = args.chunks_in_flight if args.chunks_in_flight is not None else 4 if args.explorer_url else 1
+    params = sampling_params(cfg, "explorer")
     try:
         build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
                    explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
-                   dataset_name=cfg.data.path, scorer=_build_scorer(cfg) if args.score else None,
+                   dataset_name=cfg.data.path, reward=_build_reward(cfg) if args.score else None,
                    chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
     except KeyboardInterrupt:
         from megatron_s2l import platform
@@ -147,7 +137,7 @@ def _load_prompts(cfg):
     return list(load_prompts(cfg.data, tokenizer))
 
 
-def _build_scorer(cfg):
-    from megatron_s2l.reward import build_scorer
+def _build_reward(cfg):
+    from megatron_s2l.reward import build_reward
 
-    return build_scorer(cfg.reward)
+    return build_reward(cfg.reward)

@@ -30,6 +30,7 @@ import httpx
 import torch
 
 from megatron_s2l.config import RolloutConfig
+from megatron_s2l.platform import free_port
 
 VENV_ENV = "S2L_SGLANG_VENV"
 DEFAULT_VENV = Path.home() / ".cache" / "megatron-s2l" / "sglang-0.5.23"
@@ -170,8 +171,6 @@ def launch_server(model_path: str | Path, port: Optional[int] = None, *, device:
     """Start ``sglang.launch_server`` for an HF checkpoint and (unless ``wait=False``; then call
     ``wait_ready``) wait until it answers /health. ``mem_fraction_static``: the GPU memory share SGLang
     takes for weights and KV cache (its default assumes the GPU is its own, not shared with a learner)."""
-    from megatron_s2l.platform import free_port
-
     port = port or free_port()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cmd = [_require_python(python), "-m", "sglang.launch_server", "--model-path", str(model_path),
@@ -203,8 +202,6 @@ def launch_router(worker_urls: Sequence[str], port: Optional[int] = None, *, pol
     """Start sglang-router in front of running workers and wait until it reports them all healthy.
     `request_timeout_s` should match the trainer's rollout.request_timeout_s (the router's own default is
     1800 s, shorter than a long rollout step's queue)."""
-    from megatron_s2l.platform import free_port
-
     port = port or free_port()
     cmd = [_require_python(python), "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
            "--port", str(port), "--policy", policy, "--prometheus-port", str(free_port()),

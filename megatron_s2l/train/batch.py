@@ -68,10 +68,11 @@ class TrainBatch:
     @classmethod
     def from_groups(cls, groups: list[Group], advantages: list[list[float]], pad_id: int,
                     pad_to_multiple: int = 8) -> "TrainBatch":
-        """Concatenate prompt + response ids of every sample, right-padded to one length."""
+        """Concatenate prompt + response ids of every sample, right-padded to one length. No groups: a rank
+        other than the driver, which receives the batch (a placeholder)."""
         samples = [(s, a) for g, adv in zip(groups, advantages) for s, a in zip(g.samples, adv)]
         if not samples:
-            raise ValueError("no samples to train on: every group was dropped")
+            return cls.placeholder()
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s, _ in samples]
         seq_len = round_up(max(lengths), pad_to_multiple)
         tokens = torch.full((len(samples), seq_len), pad_id, dtype=torch.long)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_s2l import platform
 from megatron_s2l.config import CheckpointConfig
 from megatron_s2l.model import checkpoint_io, convert
 
@@ -83,10 +84,6 @@ def _write_results_server_init() -> None:
         pass
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def rng_state() -> str:
     """Python, numpy and torch RNG states of this process, as a base64 string for JSON."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -137,7 +134,7 @@ class Checkpointer:
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
         _start_write_results_server()
-        if _is_rank0():
+        if platform.is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
             (tmp / checkpoint_io.MODEL_SUBDIR).mkdir(parents=True)
             (tmp / "optimizer").mkdir()
@@ -149,7 +146,7 @@ class Checkpointer:
         if has_optimizer_state:
             dist_checkpointing.save(learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
                                     str(tmp / "optimizer"))
-        if _is_rank0():
+        if platform.is_rank0():
             state = {**trainer_state, "step": step, "lr_scheduler": learner.scheduler.state_dict(),
                      "num_updates": learner.num_updates, "rng": rng_state(), "layout": _layout(),
                      "has_optimizer_state": has_optimizer_state}

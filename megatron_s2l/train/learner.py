@@ -56,6 +56,16 @@ class MicroBatch:
     logprobs: Optional[torch.Tensor] = None  # output of a forward-only pass, [b, S]
 
 
+class StepPlan(list):
+    """This rank's work of one step: a list of mini-batches (one optimizer update each), each a list of
+    micro-batches; plus the whole step's counts that its metrics need once the batch is gone."""
+
+    def __init__(self, minis: list[list[MicroBatch]], *, num_response_tokens: int, flops: float,
+                 num_groups_trimmed: int):
+        super().__init__(minis)
+        self.num_response_tokens, self.flops, self.num_groups_trimmed = num_response_tokens, flops, num_groups_trimmed
+
+
 class Learner:
     """Owns the Megatron model(s) and optimizer; every rank of the torchrun job holds one."""
 
@@ -88,25 +98,32 @@ class Learner:
 
         return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
-    @staticmethod
-    def is_last_stage() -> bool:
-        from megatron.core import parallel_state
-
-        return parallel_state.is_pipeline_last_stage()
-
-    def plan(self, batch: TrainBatch) -> list[list[MicroBatch]]:
+    def plan(self, batch: TrainBatch) -> "StepPlan":
         """Mini-batches -> this DP rank's rows -> micro-batches (on the model's device), with global
-        reduction weights. Collective over data-parallel ranks with a token budget (same micro-batch counts)."""
+        reduction weights. Collective over data-parallel ranks with a token budget (same micro-batch counts).
+
+        The layout takes whole groups only: when dynamic sampling kept a number of groups that does not
+        split into mini-batches x DP ranks x micro-batches, the last groups are left out (and counted)."""
         parallel = self.cfg.parallel
         num_mini = self.cfg.optimizer.mini_batches_per_step
         dp_rank, dp_size = self._dp_rank_size()
-        rows_per_mini = batch.num_sequences // num_mini
-        if batch.num_sequences % (num_mini * dp_size * parallel.sequences_multiple):
+        group_size = self.cfg.rollout.group_size
+        unit = num_mini * dp_size * parallel.sequences_multiple
+        rows_multiple = unit * group_size // math.gcd(unit, group_size)
+        kept_rows = batch.num_sequences - batch.num_sequences % rows_multiple
+        if kept_rows == 0:
             parts = f"optimizer.mini_batches_per_step={num_mini} x data-parallel {dp_size}"
             if not parallel.micro_batch_tokens:
                 parts += f" x parallel.micro_batch_size={parallel.micro_batch_size}"
-            raise ValueError(f"batch of {batch.num_sequences} sequences cannot be split into {parts}; "
-                             "make prompts_per_step * group_size divisible by their product")
+            raise ValueError(f"a batch of {batch.num_sequences} sequences (groups of {group_size}) cannot be split "
+                             f"into {parts}; make rollout.prompts_per_step x rollout.group_size a multiple of "
+                             f"{rows_multiple}, or lower those settings")
+        num_groups_trimmed = (batch.num_sequences - kept_rows) // group_size
+        if num_groups_trimmed:
+            logger.warning("%d of %d groups do not fit the learner's layout (multiples of %d sequences) and are left "
+                           "out of this step", num_groups_trimmed, batch.num_sequences // group_size, rows_multiple)
+            batch = batch.select(slice(0, kept_rows))
+        rows_per_mini = batch.num_sequences // num_mini
         config = convert.unwrap(self.model).config
         multiple = width_multiple(parallel.tp, config.sequence_parallel, bool(config.fp8))
         batch = batch.trimmed(multiple)
@@ -123,13 +140,14 @@ class Learner:
 
             counts = max_over_ranks([len(rows) for rows in micro_rows], parallel_state.get_data_parallel_group_gloo())
             micro_rows = [split_to(rows, int(count)) for rows, count in zip(micro_rows, counts)]
-        plan = []
+        plan: list[list[MicroBatch]] = []
         for local, rows in zip(rank_minis, micro_rows):
             micro = [local.select(r) for r in rows]
             if parallel.length_grouping:
                 micro = [b.trimmed(multiple) for b in micro]
             plan.append([MicroBatch(b.to(self.device)) for b in micro])
-        return plan
+        return StepPlan(plan, num_response_tokens=batch.num_response_tokens, flops=self.update_flops(batch),
+                        num_groups_trimmed=num_groups_trimmed)
 
     def _micro_batch_rows(self, local: TrainBatch, multiple: int) -> list[slice]:
         """Consecutive rows per micro-batch: micro_batch_size of them, or as many of the (longest-first)
@@ -208,7 +226,8 @@ class Learner:
 
     def update_flops(self, batch: TrainBatch) -> float:
         """Model FLOPs of this step's log-prob passes and update on `batch`, over all ranks."""
-        return perf.update_flops(self.args, batch, reference=self.ref_model is not None)
+        return perf.update_flops(self.args, batch.lengths(), batch.num_response_tokens,
+                                 reference=self.ref_model is not None)
 
     def compute_logprobs(self, plan: list[list[MicroBatch]], reference: bool = False) -> None:
         """Forward-only pass: fill `old_logprobs` (actor) or `ref_logprobs` (reference) of every

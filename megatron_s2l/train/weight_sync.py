@@ -12,7 +12,6 @@ The engine is paused around the update so no request samples from half-updated w
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -23,9 +22,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from megatron_s2l import platform
 from megatron_s2l.model import checkpoint_io, convert
-from megatron_s2l.rollout.engine import RolloutEngine
+from megatron_s2l.rollout.runtime import RolloutRuntime
+from megatron_s2l.rollout.types import RolloutEngine
+from megatron_s2l.train.stopping import fail_together
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class _Counted:
             self.num_tensors += 1
             self.names.append(name)
             if self._hash is not None:
-                _update_digest(self._hash, name, tensor)
+                convert.update_digest(self._hash, name, tensor)
             yield name, tensor
 
     @property
@@ -54,27 +54,14 @@ class _Counted:
         return self._hash.hexdigest()
 
 
-def _update_digest(hasher, name: str, tensor: torch.Tensor) -> None:
-    hasher.update(name.encode())
-    hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-
-
-def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """The digest `verify=True` compares: names and exact bytes, in order."""
-    hasher = hashlib.blake2b(digest_size=16)
-    for name, tensor in named:
-        _update_digest(hasher, name, tensor)
-    return hasher.hexdigest()
-
-
 class WeightSync:
     """Pushes the learner's weights to the learner-replica engine (the explorer is never synced)."""
 
-    def __init__(self, engine: Optional[RolloutEngine], mode: str, loop: Optional[asyncio.AbstractEventLoop],
+    def __init__(self, engine: Optional[RolloutEngine], mode: str, runtime: Optional[RolloutRuntime],
                  dtype: torch.dtype, staging_dir: Path, hf_dir: str | Path, verify: bool = False):
-        self.engine = engine  # None on non-driver ranks
+        self.engine = engine  # None on ranks other than the driver: they only take part in the gathers
         self.mode = mode
-        self.loop = loop
+        self.runtime = runtime
         self.dtype = dtype
         self.staging_dir = staging_dir  # disk mode: complete HF checkpoints, one per version
         self.hf_dir = hf_dir  # config and tokenizer files that go with each version
@@ -85,10 +72,10 @@ class WeightSync:
         start = time.perf_counter()
         stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype),
                           digest=self.verify and self.engine is not None)
-        with platform.fail_together(f"weight sync of version {version} to the learner replica"):
+        with fail_together(f"weight sync of version {version} to the learner replica"):
             try:
                 if self.engine is not None:
-                    self.loop.run_until_complete(self._send(stream, version))
+                    self.runtime.run(self._send(stream, version))
             finally:
                 for _ in stream:  # take part in the gathers (the driver: those a failed send left)
                     pass
@@ -100,11 +87,11 @@ class WeightSync:
     async def _verify(self, stream: _Counted) -> None:
         """Bit-exact check that the engine now holds what the learner sent (engines that can read their
         weights back: LocalEngine. SGLang 0.5.23 cannot for Qwen3, so there the version check remains)."""
-        if not hasattr(self.engine, "weights_digest"):
+        held = await self.engine.weights_digest(stream.names)
+        if held is None:
             logger.warning("rollout.verify_weight_sync: %s cannot report its weights; only the version is checked",
                            self.engine.name)
             return
-        held = await self.engine.weights_digest(stream.names)
         if held != stream.digest:
             raise RuntimeError(f"weight sync to {self.engine.name}: the engine's weights differ from the learner's "
                                f"after the update (digest {held} != {stream.digest}); the update was incomplete")

@@ -25,11 +25,11 @@ from megatron_s2l.rollout.collector import RolloutCollector
 from megatron_s2l.rollout.local import LocalEngine
 
 PHASE, STEP, MARKER = {phase!r}, {step}, {marker!r}
-collect, update_weights = RolloutCollector.collect, LocalEngine.update_weights
+collect, update_weights = RolloutCollector._collect, LocalEngine.update_weights
 
 
-def failing_collect(self, prompts, step):
-    groups = collect(self, prompts, step)  # this step's prompts and pool draws are taken first
+async def failing_collect(self, prompts, step):
+    groups = await collect(self, prompts, step)  # this step's prompts and pool draws are taken first
     if PHASE == "rollout" and step == STEP:
         raise ConnectionError("injected: the learner replica went away")
     if PHASE == "slow rollout" and step == STEP:
@@ -47,7 +47,7 @@ async def failing_update(self, tensors, version):
 
 
 if __name__ == "__main__":  # checkpoint saving spawns a process that imports this file again
-    RolloutCollector.collect, LocalEngine.update_weights = failing_collect, failing_update
+    RolloutCollector._collect, LocalEngine.update_weights = failing_collect, failing_update
     from megatron_s2l.cli import main
     sys.exit(main())
 """
@@ -145,7 +145,7 @@ def test_sigterm_during_a_long_rollout_stops_at_once_and_saves_the_finished_step
         if torchrun.poll() is None:
             os.killpg(torchrun.pid, signal.SIGKILL)
     assert time.monotonic() - signalled < 120, out[-3000:]  # not the 300 s the rollout would have taken
-    assert "SIGTERM: stopping step 2's rollout collection (a resume redoes the step) now" in out, out[-3000:]
+    assert "SIGTERM: stopping now, in step 2: collecting rollouts (a wait on servers)" in out, out[-3000:]
     assert "stopping after step 1, the last finished one (saving it" in out
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
     assert [c.name for c in checkpoints] == ["step_000001"], out[-3000:]

@@ -204,7 +204,7 @@ def test_a_broadcast_that_a_server_never_joins_leaves_the_trainers_stream_free_a
     import subprocess
     import threading
 
-    from megatron_s2l.rollout.sglang import BroadcastGroup
+    from megatron_s2l.rollout.weight_broadcast import BroadcastGroup
     from tests.utils import free_port
 
     port, name = free_port(), "s2l-weights-test"

@@ -51,10 +51,12 @@ def test_retract_and_in_place_pauses_keep_requests_and_abort_ends_them(main_serv
         running = await _started(engine, PROMPT)
         kept = []
         for mode in ("retract", "in_place"):
-            await engine.pause(mode)
+            pausing = SGLangEngine(main_server.url, pause_mode=mode)  # the mode is the engine's
+            await pausing.pause()
             await asyncio.sleep(1.0)
             kept.append(not running.done())  # neither mode ends the request
-            await engine.resume()
+            await pausing.resume()
+            await pausing.close()
         await asyncio.sleep(0.5)
         await engine.abort()  # every request on the server
         return kept, (await asyncio.wait_for(running, 30))[0][0]

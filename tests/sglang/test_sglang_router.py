@@ -9,7 +9,8 @@ import pytest
 from safetensors.torch import load_file
 
 from megatron_s2l.rollout import sglang_launch
-from megatron_s2l.rollout.sglang import SGLangEngine, SGLangUnavailableError
+from megatron_s2l.rollout.sglang import SGLangEngine
+from megatron_s2l.rollout.sglang_client import SGLangUnavailableError
 from megatron_s2l.rollout.types import SamplingParams
 from tests.sglang.conftest import SERVER_LIFETIME_S
 from tests.sglang.helpers import hf_greedy

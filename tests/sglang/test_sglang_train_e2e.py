@@ -46,7 +46,12 @@ def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_p
     pool_rows = [row for chunk in chunks for row in pq.read_table(chunk).to_pylist()]
     assert len(pool_rows) == 3 * manifest["num_prompts"]  # every prompt once, whichever chunk finished first
     assert len({row["prompt_id"] for row in pool_rows}) == manifest["num_prompts"]
-    assert "sglang" in manifest["engine"] or "explorer" in manifest["engine"]
+    # the pool came from the explorer server: the client that `--explorer-url` builds is named "explorer" (an
+    # in-process LocalEngine would be "local:explorer"), and every sample carries the server's weight version
+    # (SGLang's "default"; a LocalEngine's would be "0")
+    assert manifest["engine"] == "explorer"
+    assert manifest["explorer_weight_version"] == explorer_version == "default"
+    assert {row["weight_version"] for row in pool_rows} == {explorer_version}
     rows = read_rows(tmp_path / "run")
     assert [(r["schedule/G_w"], r["schedule/G_s"]) for r in rows] == [(4, 0), (0, 4), (0, 4)]
     # the learner samples of step k come from the weights synced after step k - 1

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from megatron_s2l.rollout.sglang import SGLangEngine, iter_buckets
+from megatron_s2l.rollout.sglang import SGLangEngine
 from megatron_s2l.rollout.types import SamplingParams
+from megatron_s2l.rollout.weight_broadcast import iter_buckets
 from tests.sglang.helpers import hf_greedy, megatron_model
 
 pytestmark = pytest.mark.sglang

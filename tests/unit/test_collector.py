@@ -1,5 +1,6 @@
 """RolloutCollector: G_w explorer + G_s learner samples per group over the schedule (pool and online
-explorer), sources and weight versions recorded, concurrency, one scorer for both, dynamic sampling."""
+explorer), sources and weight versions recorded, concurrency, one scorer for both, dynamic sampling, and a
+failed step that consumes nothing."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import zlib
 import pytest
 import torch
 
-from megatron_s2l.config import ExplorerConfig, RolloutConfig
-from megatron_s2l.rollout.collector import RolloutCollector, build_collector, drop_reason, sample_metrics
+from megatron_s2l.config import RunConfig
+from megatron_s2l.data.dataset import PromptDataset
+from megatron_s2l.rollout.collector import RolloutCollector, drop_reason, sample_metrics
+from megatron_s2l.rollout.engines import sampling_params
+from megatron_s2l.rollout.ledger import RolloutLedger
 from megatron_s2l.rollout.local import build_local_engine
 from megatron_s2l.rollout.pool import ExplorerPool, build_pool, tokenizer_hash
+from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.schedule import AnnealSchedule
 from megatron_s2l.rollout.types import Group, Sample, SamplingParams
 from tests.utils import make_tiny_model
@@ -105,10 +110,25 @@ def pool(built_pool):
     return built_pool
 
 
-def make_collector(learner, tokenizer, explorer, **kwargs) -> RolloutCollector:
+class CountingDataset(PromptDataset):
+    """The prompts in file order; records how many each draw asked for."""
+
+    def __init__(self, prompts):
+        super().__init__(list(prompts), seed=0, shuffle=False)
+        self.asked = []
+
+    def next_batch(self, n):
+        self.asked.append(n)
+        return super().next_batch(n)
+
+
+def make_collector(learner, tokenizer, explorer, prompts=PROMPTS, prompts_per_step=None,
+                   **kwargs) -> RolloutCollector:
+    """A collector whose every step draws `prompts_per_step` (default: all) of `prompts`, in order."""
     schedule = AnnealSchedule("linear", G, T_MIX, total_steps=5)
-    return RolloutCollector(schedule, learner, PARAMS, tokenizer, GoldRuleScorer(), explorer=explorer,
-                            **kwargs)
+    return RolloutCollector(CountingDataset(prompts), schedule, RolloutLedger(learner_params=2, explorer_params=1),
+                            learner, PARAMS, tokenizer, GoldRuleScorer(), RolloutRuntime(),
+                            prompts_per_step=prompts_per_step or len(prompts), explorer=explorer, **kwargs)
 
 
 def check_groups(groups, step, learner_version, explorer_version):
@@ -130,7 +150,7 @@ def test_pool_mode_mixes_g_w_pool_and_g_s_learner_samples(engines, tokenizer, po
     for step in range(1, 6):
         if step == 3:  # a weight sync between steps: later learner samples carry the new version
             asyncio.run(engines[1].update_weights([], version="v3"))
-        groups, stats = collector.collect(PROMPTS, step)
+        groups, stats = collector.collect(step)
         check_groups(groups, step, "0" if step < 3 else "v3", "explorer-v0")
         explorer = [s for g in groups for s in g.samples if s.source == "explorer"]
         assert all(tuple(s.response_ids) in pool_responses for s in explorer)
@@ -141,7 +161,7 @@ def test_pool_mode_mixes_g_w_pool_and_g_s_learner_samples(engines, tokenizer, po
         assert ("reward/explorer_mean" in stats) == (EXPECTED_SPLITS[step][0] > 0)
         assert ("reward/learner_mean" in stats) == (EXPECTED_SPLITS[step][1] > 0)
     asyncio.run(engines[1].update_weights([], version="0"))
-    collector.close()
+    collector.runtime.close()
 
 
 def test_online_explorer_runs_concurrently_with_the_learner(engines, tokenizer):
@@ -149,7 +169,7 @@ def test_online_explorer_runs_concurrently_with_the_learner(engines, tokenizer):
     collector = make_collector(learner, tokenizer, explorer,
                                explorer_params=SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.95))
     for step in (1, 2, 3, 4):
-        groups, stats = collector.collect(PROMPTS, step)
+        groups, stats = collector.collect(step)
         check_groups(groups, step, "0", "explorer-v0")
         assert stats["timing/rollout_s"] > 0
     # no call when a source has 0 samples; n = G_w / G_s; each source its own sampling params
@@ -163,8 +183,8 @@ def test_online_explorer_runs_concurrently_with_the_learner(engines, tokenizer):
 def test_sampling_is_reproducible_from_seed_and_step(engines, tokenizer):
     def learner_ids(seed, step):
         collector = make_collector(engines[1], tokenizer, None, seed=seed)
-        groups, _ = collector.collect(PROMPTS, step)
-        collector.close()
+        groups, _ = collector.collect(step)
+        collector.runtime.close()
         return [s.response_ids for g in groups for s in g.samples]
 
     assert learner_ids(0, 2) == learner_ids(0, 2)
@@ -173,14 +193,14 @@ def test_sampling_is_reproducible_from_seed_and_step(engines, tokenizer):
 
 
 def test_no_explorer_is_plain_grpo(engines, tokenizer):
-    groups, stats = make_collector(engines[1], tokenizer, None).collect(PROMPTS, 1)
+    groups, stats = make_collector(engines[1], tokenizer, None).collect(1)
     assert all(g.count("learner") == G for g in groups)
     assert stats["schedule/G_w"] == 0 and stats["schedule/alpha"] == 0.0
 
 
 def test_success_rates_feed_the_schedule(engines, tokenizer, pool):
     collector = make_collector(engines[1], tokenizer, pool)
-    groups, stats = collector.collect(PROMPTS, 2)
+    groups, stats = collector.collect(2)
     explorer_rate, learner_rate = collector.schedule.observations[2]
     explorer = [s.reward for g in groups for s in g.samples if s.source == "explorer"]
     assert explorer_rate == sum(r > 0 for r in explorer) / len(explorer) == stats["success/explorer_rate"]
@@ -190,19 +210,14 @@ def test_success_rates_feed_the_schedule(engines, tokenizer, pool):
 def test_dynamic_sampling_drops_all_equal_groups_and_refills(engines, tokenizer):
     batch = [Prompt("a", [5, 6, 7], "all"), Prompt("b", [8, 9], "mixed"), Prompt("c", [10, 11], "none"),
              Prompt("d", [12, 13, 14], "mixed")]
-    refills = iter([Prompt("e", [15], "mixed"), Prompt("f", [16], "all"), Prompt("g", [17], "mixed"),
-                    Prompt("h", [18], "none"), Prompt("i", [19], "mixed")])
-    asked = []
-
-    def more_prompts(n):
-        asked.append(n)
-        return [next(refills) for _ in range(n)]
-
+    refills = [Prompt("e", [15], "mixed"), Prompt("f", [16], "all"), Prompt("g", [17], "mixed"),
+               Prompt("h", [18], "none"), Prompt("i", [19], "mixed")]
     params = dataclasses.replace(PARAMS, stop_token_ids=list(range(0, 151936, 2)))  # most samples stop early
-    collector = make_collector(engines[1], tokenizer, None, dynamic_sampling=True, more_prompts=more_prompts)
+    collector = make_collector(engines[1], tokenizer, None, prompts=batch + refills, prompts_per_step=4,
+                               dynamic_sampling=True)
     collector.learner_params = params
-    groups, stats = collector.collect(batch, step=5)
-    assert asked == [4]  # 2 of 4 kept in round 1: keep rate 1/2, so 2 missing -> 4 more prompts
+    groups, stats = collector.collect(step=5)
+    assert collector.dataset.asked == [4, 4]  # 2 of 4 kept in round 1: keep rate 1/2, so 2 missing -> 4 more
     assert [g.prompt_id for g in groups] == ["b", "d", "e", "g"]
     assert all(len(set(g.rewards)) == 2 for g in groups)
     assert stats["dynamic/dropped_all_correct"] == 2 and stats["dynamic/dropped_all_wrong"] == 2
@@ -213,17 +228,13 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(engines, tokenizer)
 
 
 def test_dynamic_sampling_gives_up_after_the_bounded_rounds(engines, tokenizer, caplog):
-    asked = []
-
-    def more_prompts(n):
-        asked.append(n)
-        return [Prompt(f"z{len(asked)}-{i}", [20 + i], "none") for i in range(n)]
-
-    collector = make_collector(engines[1], tokenizer, None, dynamic_sampling=True, max_oversample_rounds=2,
-                               more_prompts=more_prompts)
-    groups, stats = collector.collect([Prompt("m", [3, 4], "mixed"), Prompt("n", [4, 5], "none")], step=5)
+    prompts = [Prompt("m", [3, 4], "mixed"), Prompt("n", [4, 5], "none")]
+    prompts += [Prompt(f"z{i}", [20 + i], "none") for i in range(6)]
+    collector = make_collector(engines[1], tokenizer, None, prompts=prompts, prompts_per_step=2,
+                               dynamic_sampling=True, max_oversample_rounds=2)
+    groups, stats = collector.collect(step=5)
     assert [g.prompt_id for g in groups] == ["m"]
-    assert asked == [2, 4]  # keep rate 1/2, then 1/4: at most 4x the missing count
+    assert collector.dataset.asked == [2, 2, 4]  # keep rate 1/2, then 1/4: at most 4x the missing count
     assert stats["rollout/num_rounds"] == 3 and stats["dynamic/num_short"] == 1
     assert stats["dynamic/dropped_all_wrong"] + stats["dynamic/dropped_all_truncated"] == 7
     assert "kept 1 of 2 groups" in caplog.text
@@ -243,27 +254,20 @@ def test_drop_reasons():
 def test_pool_built_from_other_prompt_tokens_is_refused(engines, tokenizer, pool):
     changed = [Prompt("q0", [1, 2, 3], "mixed")]
     with pytest.raises(ValueError, match="tokenized differently.*rebuild the pool"):
-        make_collector(engines[1], tokenizer, pool).collect(changed, 1)
+        make_collector(engines[1], tokenizer, pool, prompts=changed).collect(1)
 
 
-def test_build_collector_from_config(engines, tokenizer, pool):
-    schedule = AnnealSchedule("linear", G, T_MIX, total_steps=5)
-    rollout = RolloutConfig(group_size=G, max_response_length=7, temperature=0.9, top_k=20)
-    collector = build_collector(rollout, ExplorerConfig(pool_path="x"), schedule, engines[1], pool, tokenizer,
-                                GoldRuleScorer())
-    assert collector.explorer is pool
-    assert (collector.learner_params.temperature, collector.learner_params.top_k) == (0.9, 20)
-    assert collector.explorer_params.max_new_tokens == 7 and collector.explorer_params.temperature == 0.7
-    off = build_collector(rollout, ExplorerConfig(mode="off"), schedule, engines[1], pool, tokenizer,
-                          GoldRuleScorer())
-    assert off.explorer is None and off.split(1) == (0, G)
+def test_sampling_params_per_role_and_a_pool_too_small_for_step_one(engines, tokenizer, pool):
+    cfg = RunConfig()
+    cfg.rollout.max_response_length, cfg.rollout.temperature, cfg.rollout.top_k = 7, 0.9, 20
+    learner, explorer = sampling_params(cfg, "learner"), sampling_params(cfg, "explorer")
+    assert (learner.temperature, learner.top_k, learner.max_new_tokens) == (0.9, 20, 7)
+    assert (explorer.temperature, explorer.top_p, explorer.max_new_tokens) == (0.7, 0.95, 7)
+    assert sampling_params(cfg, "eval").presence_penalty == cfg.eval.presence_penalty
     big = AnnealSchedule("linear", 8, T_MIX, total_steps=5)
     with pytest.raises(ValueError, match="n_per_prompt >= rollout.group_size"):
-        build_collector(rollout, ExplorerConfig(pool_path="x"), big, engines[1], pool, tokenizer,
-                        GoldRuleScorer())
-    with pytest.raises(ValueError, match="more_prompts"):
-        build_collector(dataclasses.replace(rollout, dynamic_sampling=True), ExplorerConfig(pool_path="x"),
-                        schedule, engines[1], pool, tokenizer, GoldRuleScorer())
+        RolloutCollector(CountingDataset(PROMPTS), big, RolloutLedger(2, 1), engines[1], PARAMS, tokenizer,
+                         GoldRuleScorer(), RolloutRuntime(), prompts_per_step=3, explorer=pool)
 
 
 def test_sample_metrics_split_by_source_and_count_distinct_answers_per_group():
@@ -297,8 +301,23 @@ def test_an_interrupted_collection_leaves_no_request_in_flight(engines, tokenize
     explorer = Recorder(engines[0], delay=30)  # still waiting when the learner side is interrupted
     collector = make_collector(_Interrupted(), tokenizer, explorer, explorer_params=PARAMS)
     with pytest.raises(KeyboardInterrupt):
-        collector.collect(PROMPTS, 2)
-    assert not asyncio.all_tasks(collector.loop)
-    collector.close()
+        collector.collect(2)
+    assert not asyncio.all_tasks(collector.runtime.loop)
+    collector.runtime.close()
     gc.collect()
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_failed_step_consumes_no_prompts_draws_or_ledger_counts(engines, tokenizer, pool):
+    """The resumed run repeats a failed step exactly: the cursor, the pool's draws, the schedule's observations
+    and the ledger are as before it."""
+    collector = make_collector(engines[1], tokenizer, pool, prompts=PROMPTS * 2, prompts_per_step=3)
+    collector.collect(1)
+    before = collector.state_dict()
+    collector.learner = _Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        collector.collect(2)
+    assert collector.state_dict() == before
+    collector.learner = engines[1]
+    groups, metrics = collector.collect(2)
+    assert collector.state_dict()["dataset"]["position"] == 6 and metrics["rollout/learner_tokens"] > 0

@@ -30,14 +30,16 @@ def test_valid_yaml_and_overrides(tmp_path):
     assert config.optimizer.lr == 2e-6
     assert config.logging.wandb is True
     assert config.explorer.pool_path == "/pools/qwen3-1.7b"
-    more = load_config(_write(tmp_path, VALID), ["eval.extra={math500: /d/math500.jsonl, aime-25: /d/aime25.jsonl}"])
+    more = load_config(_write(tmp_path, VALID),
+                       ["eval.extra={math500: /d/math500.jsonl, aime-25: /d/aime25.jsonl}"])
     assert more.eval.extra == {"math500": "/d/math500.jsonl", "aime-25": "/d/aime25.jsonl"}
 
 
 def test_defaults_follow_the_paper():
     config = load_config(None, ["explorer.mode=off"])
     assert (config.rollout.group_size, config.optimizer.lr, config.optimizer.weight_decay) == (16, 1e-6, 0.01)
-    assert (config.algorithm.eps_low, config.algorithm.dual_clip, config.algorithm.kl_coef) == (0.2, 3.0, 1e-3)
+    assert (config.algorithm.eps_low, config.algorithm.dual_clip,
+            config.algorithm.kl_coef) == (0.2, 3.0, 1e-3)
     assert config.algorithm.kl_type == "low_var_kl" and config.algorithm.reduction == "token_mean"
     assert config.t_mix == config.steps // 2  # T_mix defaults to half the steps
 
@@ -90,9 +92,12 @@ def test_parallel_layout_must_fit_the_model(tp, pp, message):
 
 
 def test_every_example_config_loads():
+    """The launch scripts and docs name these; an empty glob (moved folder) must not pass."""
     from pathlib import Path
 
     configs = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+    assert {"grpo_qwen3_8b.yaml", "s2l_qwen3_8b.yaml", "s2l_qwen3_14b.yaml", "tiny_1gpu.yaml",
+            "tiny_cpu.yaml"} <= {path.name for path in configs}
     for path in configs:
         load_config(path)
 
@@ -111,4 +116,5 @@ def test_print_config_shows_every_field_and_loads_back(tmp_path, capsys):
                                                                              "parallel.recompute=full"]))
     assert config.rollout.group_size == 8 and config.parallel.recompute == "full"
     assert "  temperature: 1.0" in printed and "algorithm:" in printed  # defaults are spelled out
-    assert main(["train", "--config", str(_write(tmp_path, VALID)), "rollout.gruop_size=8", "--print-config"]) == 2
+    assert main(["train", "--config", str(_write(tmp_path, VALID)), "rollout.gruop_size=8",
+                 "--print-config"]) == 2

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_s2l.config import DataConfig
-from megatron_s2l.data import BadRowError, PromptDataset, load_prompts, load_prompts_counted, read_rows
+from megatron_s2l.data import (BadRowError, PromptDataset, gsm8k_gold, load_prompts,
+                               read_rows)
 from tests.utils import qwen3_tokenizer_dir, shared_dir
 
 
@@ -29,6 +30,12 @@ def test_real_datasets_load_with_gold_answers():
     assert len(math500) == 500
     aime, _ = read_rows(shared_dir() / "data/aime24/test.jsonl")
     assert len(aime) == 30 and all(r.gold.strip().isdigit() for r in aime)
+
+
+def test_gsm8k_gold_takes_the_number_after_hashes():
+    assert gsm8k_gold("Natalia sold 48/2 = 24 clips.\n#### 1,072") == "1072"
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_gold("no marker here")
 
 
 def test_dapo_verl_schema_jsonl_and_parquet(tmp_path):
@@ -74,14 +81,14 @@ def test_templates(tokenizer):
     assert render("Q", "plain", tokenizer) == "Q"
 
 
-def test_filters_dedup_and_counts(tmp_path, tokenizer):
+def test_filters_dedup_and_counts(tmp_path, tokenizer, caplog):
     rows = [{"question": "short?", "answer": "1"}, {"question": "short?", "answer": "1"},
             {"question": "long " * 200, "answer": "2"}, {"question": "other?", "answer": "3"}]
     path = _write_jsonl(tmp_path / "rows.jsonl", rows)
-    prompts, counts = load_prompts_counted(DataConfig(path=str(path), template="plain", max_prompt_length=50),
-                                           tokenizer)
+    with caplog.at_level("INFO", logger="megatron_s2l.data.dataset"):
+        prompts = load_prompts(DataConfig(path=str(path), template="plain", max_prompt_length=50), tokenizer)
     assert [p.gold for p in prompts] == ["1", "3"]
-    assert counts == {"num_prompts": 2, "num_duplicates": 1, "num_too_long": 1, "num_bad_rows": 0}
+    assert "2 prompts (1 duplicates, 1 over 50 tokens, 0 malformed rows skipped)" in caplog.text
     assert prompts[0].prompt_ids == tokenizer("short?", add_special_tokens=False)["input_ids"]
     again = load_prompts(DataConfig(path=str(path), template="plain", max_prompt_length=50), tokenizer)
     assert [p.prompt_id for p in again] == [p.prompt_id for p in prompts]  # stable ids across loads

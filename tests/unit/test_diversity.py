@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_s2l.eval.diversity import bleu, edit_distance, edit_diversity, group_diversity, self_bleu
+from megatron_s2l.rollout.diversity import bleu, edit_distance, edit_diversity, group_diversity, self_bleu
 
 
 def test_identical_and_disjoint_groups():

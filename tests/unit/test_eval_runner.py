@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -14,6 +13,7 @@ from megatron_s2l.eval.passk import pass_at_k
 from megatron_s2l.eval.runner import pass_ks, run_eval
 from megatron_s2l.reward import MathScorer
 from megatron_s2l.rollout.local import build_local_engine
+from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.types import SamplingParams
 from tests.utils import make_tiny_model, shared_dir
 
@@ -28,12 +28,12 @@ def test_run_eval_writes_consistent_results(model_dir, tmp_path):
     prompts = load_prompts(DataConfig(path=str(shared_dir() / "data/aime24/test.jsonl"), template="qwen3_nothink",
                                       max_prompt_length=4096), tokenizer)[:3]
     engine = build_local_engine(model_dir, seed=0)
-    loop, scorer = asyncio.new_event_loop(), MathScorer(RewardConfig(num_workers=0))
+    runtime, reward = RolloutRuntime(), MathScorer(RewardConfig(num_workers=0))
     params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5, seed=1)
     try:
-        summary = run_eval(engine, prompts, tokenizer, scorer, 4, tmp_path, "aime24", params, loop)
+        summary = run_eval(engine, prompts, tokenizer, reward, 4, tmp_path, "aime24", params, runtime)
     finally:
-        loop.close()
+        runtime.close()
     records = [json.loads(line) for line in (tmp_path / "aime24.jsonl").read_text().splitlines()]
     assert len(records) == 3 and summary == {k: v for k, v in
                                              json.loads((tmp_path / "aime24.summary.json").read_text()).items()

@@ -73,9 +73,14 @@ def test_a_streak_of_non_finite_steps_stops_training(learner, monkeypatch):
         step(nan=True)
 
 
-def test_plan_rejects_indivisible_batches(learner):
-    with pytest.raises(ValueError, match="parallel.micro_batch_size=2"):
-        learner.plan(fixed_batch(num_sequences=7))
+def test_plan_leaves_out_the_last_groups_that_do_not_fit_and_refuses_a_batch_with_none_that_do(learner,
+                                                                                                 monkeypatch):
+    monkeypatch.setattr(learner.cfg.optimizer, "mini_batches_per_step", 2)  # 2 x micro-batches of 2: 4 rows
+    monkeypatch.setattr(learner.cfg.rollout, "group_size", 2)
+    plan = learner.plan(fixed_batch(num_sequences=6))  # 3 groups of 2: the first 2 fit
+    assert plan.num_groups_trimmed == 1 and [sum(m.batch.num_sequences for m in mini) for mini in plan] == [2, 2]
+    with pytest.raises(ValueError, match="groups of 2.*parallel.micro_batch_size=2.*multiple of 4"):
+        learner.plan(fixed_batch(num_sequences=2))
 
 
 def test_length_grouping_deals_every_row_once_balanced_and_trimmed(learner, monkeypatch):

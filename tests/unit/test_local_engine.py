@@ -1,5 +1,5 @@
 """LocalEngine: batched decoding equals one-at-a-time and no-cache decoding, seeded sampling, the
-log-prob contract, stops, penalties, weight updates, pause/resume and close."""
+log-prob contract, stops, penalties, weight updates, and every member of the RolloutEngine contract."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import shutil
 import pytest
 import torch
 
-from megatron_s2l.rollout.engine import RolloutEngine
+from megatron_s2l.model.convert import tensor_digest
 from megatron_s2l.rollout.local import LocalEngine, build_local_engine, sample_tokens
-from megatron_s2l.rollout.types import SamplingParams
+from megatron_s2l.rollout.types import RolloutEngine, SamplingParams
+from tests.engine_contract import PROTOCOL_MEMBERS, assert_checks_cover_the_protocol, assert_same_parameters
 
 PROMPTS = [[151644, 872, 198, 17, 10, 18], [9707, 11], list(range(300, 330)), [42] * 5]
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
@@ -235,25 +236,96 @@ def test_update_from_path_of_a_tied_embedding_model(tmp_path):
     assert run(engine.weight_version()) == "b"
 
 
-def test_pause_holds_new_work_until_resume(engine):
-    async def scenario():
-        await engine.pause()
-        task = asyncio.ensure_future(engine.generate([PROMPTS[1]], 1, SamplingParams(max_new_tokens=2)))
-        await asyncio.sleep(0.3)
-        held = not task.done()
-        await engine.resume()
-        result = await asyncio.wait_for(task, timeout=30)
-        return held, result
+# -- the RolloutEngine contract: every member called on a LocalEngine ------------------------------------
 
-    held, result = run(scenario())
+async def _name_is_set(engine: LocalEngine, checkpoint) -> None:
+    assert isinstance(engine.name, str) and engine.name
+
+
+async def _generate_answers_prompt_major(engine: LocalEngine, checkpoint) -> None:
+    groups = await engine.generate(PROMPTS[:2], 2, GREEDY)
+    assert [len(group) for group in groups] == [2, 2]
+    for gen in (g for group in groups for g in group):
+        assert len(gen.logprobs) == len(gen.response_ids) == GREEDY.max_new_tokens
+        assert gen.weight_version == "contract-0"
+
+
+async def _update_with_its_own_weights_changes_only_the_version(engine: LocalEngine, checkpoint) -> None:
+    before = await engine.generate(PROMPTS, 1, GREEDY)
+    own = [(name, tensor.clone()) for name, tensor in engine.model.state_dict().items()]
+    await engine.update_weights(iter(own), "own-1")
+    after = await engine.generate(PROMPTS, 1, GREEDY)
+    assert await engine.weight_version() == "own-1" and all(g[0].weight_version == "own-1" for g in after)
+    assert [g[0].response_ids for g in after] == [g[0].response_ids for g in before]
+
+
+async def _update_from_its_own_checkpoint_changes_only_the_version(engine: LocalEngine, checkpoint) -> None:
+    before = await engine.generate(PROMPTS, 1, GREEDY)
+    await engine.update_weights_from_path(str(checkpoint), "path-1")
+    after = await engine.generate(PROMPTS, 1, GREEDY)
+    assert await engine.weight_version() == "path-1"
+    assert [g[0].response_ids for g in after] == [g[0].response_ids for g in before]
+
+
+async def _weight_version_is_the_one_samples_carry(engine: LocalEngine, checkpoint) -> None:
+    gen = (await engine.generate([PROMPTS[1]], 1, GREEDY))[0][0]
+    assert await engine.weight_version() == gen.weight_version == "contract-0"
+
+
+async def _weights_digest_is_the_learners_digest_of_the_same_tensors(engine: LocalEngine, checkpoint) -> None:
+    state = engine.model.state_dict()
+    names = sorted(state)[:5]
+    held = await engine.weights_digest(names)
+    assert held == tensor_digest((name, state[name]) for name in names)  # never None: it can read back
+    assert await engine.weights_digest(names[::-1]) != held  # names and order are part of it
+
+
+async def _healthy_until_closed(engine: LocalEngine, checkpoint) -> None:
+    assert await engine.health() is True
+    await engine.close()
+    assert await engine.health() is False
+
+
+async def _pause_holds_new_work_until_resume(engine: LocalEngine, checkpoint) -> None:
+    await engine.pause()
+    task = asyncio.ensure_future(engine.generate([PROMPTS[1]], 1, SamplingParams(max_new_tokens=2)))
+    await asyncio.sleep(0.3)
+    held = not task.done()
+    await engine.resume()
+    result = await asyncio.wait_for(task, timeout=30)
     assert held and len(result[0][0].response_ids) == 2
 
 
-def test_protocol_health_and_close(tiny_qwen3, engine):
-    closing = LocalEngine(engine.model, str(tiny_qwen3), engine.eos_token_ids, engine.pad_token_id)
-    assert isinstance(closing, RolloutEngine)
-    assert run(closing.health()) is True
-    run(closing.close())
-    assert run(closing.health()) is False
+async def _close_frees_the_model_and_later_calls_say_so(engine: LocalEngine, checkpoint) -> None:
+    await engine.close()
+    assert engine.model is None
     with pytest.raises(RuntimeError, match="closed"):
-        run(closing.generate([[1]], 1, GREEDY))
+        await engine.generate([[1]], 1, GREEDY)
+
+
+CONTRACT_CHECKS = {
+    "name": _name_is_set,
+    "generate": _generate_answers_prompt_major,
+    "update_weights": _update_with_its_own_weights_changes_only_the_version,
+    "update_weights_from_path": _update_from_its_own_checkpoint_changes_only_the_version,
+    "weight_version": _weight_version_is_the_one_samples_carry,
+    "weights_digest": _weights_digest_is_the_learners_digest_of_the_same_tensors,
+    "health": _healthy_until_closed,
+    "pause": _pause_holds_new_work_until_resume,
+    "resume": _pause_holds_new_work_until_resume,
+    "close": _close_frees_the_model_and_later_calls_say_so,
+}
+
+
+def test_the_contract_checks_cover_the_protocol():
+    assert_checks_cover_the_protocol(CONTRACT_CHECKS)
+
+
+@pytest.mark.parametrize("member", PROTOCOL_MEMBERS)
+def test_the_local_engine_keeps_the_contract(member, engine, tiny_qwen3):
+    """A LocalEngine of its own (close ends it) on the module's model, which no check changes."""
+    contract_engine = LocalEngine(engine.model, str(tiny_qwen3), engine.eos_token_ids, engine.pad_token_id,
+                                  version="contract-0")
+    assert isinstance(contract_engine, RolloutEngine)
+    assert_same_parameters(LocalEngine, member)
+    run(CONTRACT_CHECKS[member](contract_engine, tiny_qwen3))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_s2l.config import LoggingConfig
-from megatron_s2l.metrics.ledger import RolloutLedger
+from megatron_s2l.rollout.ledger import RolloutLedger
 from megatron_s2l.metrics.logger import build_metrics_logger, format_progress
 from megatron_s2l.metrics.runs import read_metrics
 from megatron_s2l.rollout.types import Group, Sample

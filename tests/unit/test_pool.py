@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from megatron_s2l.rollout.local import build_local_engine
-from megatron_s2l.rollout.pool import (CHUNKS, MANIFEST, ExplorerPool, PromptRecord, build_pool, dataset_hash,
-                                       tokenizer_hash)
-from megatron_s2l.rollout.types import Generation, SamplingParams
+from megatron_s2l.rollout.pool import CHUNKS, MANIFEST, ExplorerPool, build_pool, dataset_hash, tokenizer_hash
+from megatron_s2l.rollout.types import Generation, PromptRecord, SamplingParams
 from tests.utils import make_tiny_model, qwen3_tokenizer_dir
 
 N = 4  # samples per prompt
@@ -88,7 +87,7 @@ def engine(explorer_dir):
 
 def build(engine, explorer_dir, out, scorer=None, **kwargs):
     args = dict(explorer_model=str(explorer_dir), tokenizer_dir=explorer_dir, dataset_name="toy",
-                scorer=scorer, chunk_size=2, seed=11) | kwargs
+                reward=scorer, chunk_size=2, seed=11) | kwargs
     return build_pool(engine, PROMPTS, N, PARAMS, out, **args)
 
 
@@ -156,7 +155,7 @@ def test_rerun_with_other_settings_is_refused(engine, explorer_dir, pool_dir, tm
     shutil.copytree(pool_dir, out)
     with pytest.raises(ValueError, match="different n_per_prompt.*new output directory"):
         build_pool(engine, PROMPTS, N + 1, PARAMS, out, explorer_model=str(explorer_dir),
-                   tokenizer_dir=explorer_dir, dataset_name="toy", scorer=RuleScorer(), chunk_size=2, seed=11)
+                   tokenizer_dir=explorer_dir, dataset_name="toy", reward=RuleScorer(), chunk_size=2, seed=11)
 
 
 def test_tokenizer_hash_is_canonical_and_sensitive(tmp_path):

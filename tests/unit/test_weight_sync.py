@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
 
 from megatron_s2l.rollout.local import build_local_engine
+from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.types import SamplingParams
 from megatron_s2l.train.learner import build_learner
 from megatron_s2l.train.weight_sync import WeightSync
@@ -31,13 +31,13 @@ def trained(mcore_world1, tmp_path_factory):
 def test_sync_moves_the_learner_weights_into_the_engine(trained, tmp_path, mode):
     learner, hf_dir = trained
     engine = build_local_engine(hf_dir)
-    loop = asyncio.new_event_loop()
+    runtime = RolloutRuntime()
     prompt, greedy = [[9707, 11, 1879, 0]], SamplingParams(max_new_tokens=6, temperature=0.0)
-    before = loop.run_until_complete(engine.generate(prompt, 1, greedy))[0][0].logprobs
-    sync = WeightSync(engine, mode, loop, torch.float32, tmp_path / "staging", hf_dir, verify=True)
+    before = runtime.run(engine.generate(prompt, 1, greedy))[0][0].logprobs
+    sync = WeightSync(engine, mode, runtime, torch.float32, tmp_path / "staging", hf_dir, verify=True)
     metrics = sync.sync(learner, version="7")  # verify=True: the engine's bytes equal the learner's
-    after = loop.run_until_complete(engine.generate(prompt, 1, greedy))[0][0]
-    assert loop.run_until_complete(engine.weight_version()) == "7" and after.weight_version == "7"
+    after = runtime.run(engine.generate(prompt, 1, greedy))[0][0]
+    assert runtime.run(engine.weight_version()) == "7" and after.weight_version == "7"
     assert after.logprobs != before  # the engine now serves the updated weights
     assert metrics["sync/gigabytes"] > 0.01 and metrics["sync/tensors"] > 10
     if mode == "disk":
@@ -52,6 +52,6 @@ def test_a_digest_mismatch_is_an_error(trained, tmp_path):
         return "0" * 32
 
     engine.weights_digest = wrong_digest
-    sync = WeightSync(engine, "memory", asyncio.new_event_loop(), torch.float32, tmp_path, hf_dir, verify=True)
+    sync = WeightSync(engine, "memory", RolloutRuntime(), torch.float32, tmp_path, hf_dir, verify=True)
     with pytest.raises(RuntimeError, match="differ from the learner's"):
         sync.sync(learner, version="8")

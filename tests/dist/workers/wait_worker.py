@@ -17,13 +17,14 @@ def main():
     import megatron.core.tensor_parallel.random  # noqa: F401
 
     from megatron_s2l import platform
+    from megatron_s2l.train.stopping import fail_together
 
     rank, out_dir, outcome = int(os.environ["RANK"]), Path(sys.argv[1]), {}
     (out_dir / f"ready{rank}").touch()  # both ranks reach the rendezvous together, however slow the imports
     while not all((out_dir / f"ready{r}").exists() for r in range(2)):
         time.sleep(0.01)
     platform.init_distributed(timeout_minutes=3 / 60, driver_wait_minutes=1)
-    with platform.fail_together("the driver's slow phase"):
+    with fail_together("the driver's slow phase"):
         if rank == 0:
             time.sleep(6)
     outcome["driver_wait"] = "ok"
