@@ -8,6 +8,7 @@ AdamW wd 0.01, grad clip 1.0, clip 0.2, dual clip 3, k3 KL 1e-3, token-mean loss
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -213,7 +214,7 @@ class ScheduleConfig:
     kind: Literal["linear", "step", "cosine", "constant", "adaptive"] = "linear"
     """How the explorer share alpha falls from 1 to 0 (paper: linear)."""
     t_mix: Optional[int] = None
-    """T_mix: last mixing step (alpha reaches 0 at T_mix); default: half the training steps."""
+    """T_mix: first step with alpha = 0; default: half the training steps, at least 2 (1 would not mix)."""
     constant_alpha: float = 0.5
     """alpha held until T_mix by kind=constant."""
     adaptive_window: int = 2
@@ -434,8 +435,10 @@ class RunConfig:
 
     @property
     def t_mix(self) -> int:
-        """T_mix with its default (half the steps) filled in."""
-        return self.schedule.t_mix if self.schedule.t_mix is not None else max(1, self.steps // 2)
+        """T_mix with its default filled in: half the steps, and at least 2 (T_mix = 1 would not mix at all)."""
+        if self.schedule.t_mix is not None:
+            return self.schedule.t_mix
+        return max(min(2, self.steps), self.steps // 2)
 
     def validate(self) -> "RunConfig":
         _check(self.steps >= 1, "steps", self.steps, "use a positive number of training steps")
@@ -446,6 +449,10 @@ class RunConfig:
         if self.explorer.mode != "off":
             _check(self.t_mix <= self.steps, "schedule.t_mix", self.t_mix,
                    f"T_mix must be <= steps ({self.steps}); lower schedule.t_mix or raise steps")
+            if self.t_mix == 1:
+                logging.getLogger(__name__).warning(
+                    "schedule.t_mix=1: the explorer's share is 0 from step 1, so this run does not mix (plain GRPO "
+                    "with explorer.mode=%s); use schedule.t_mix >= 2 (and steps >= 2) to mix", self.explorer.mode)
         if self.logging.profile_steps:
             _check(self.logging.profile_steps[1] <= self.steps, "logging.profile_steps", self.logging.profile_steps,
                    f"the window must end by the last step ({self.steps})")

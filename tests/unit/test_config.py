@@ -118,3 +118,16 @@ def test_print_config_shows_every_field_and_loads_back(tmp_path, capsys):
     assert "  temperature: 1.0" in printed and "algorithm:" in printed  # defaults are spelled out
     assert main(["train", "--config", str(_write(tmp_path, VALID)), "rollout.gruop_size=8",
                  "--print-config"]) == 2
+
+
+@pytest.mark.parametrize("steps,t_mix", [(1, 1), (2, 2), (3, 2), (4, 2), (16, 8)])
+def test_the_default_t_mix_mixes_whenever_the_run_has_two_steps(steps, t_mix):
+    assert load_config(None, [f"steps={steps}", "explorer.pool_path=pool"]).t_mix == t_mix
+
+
+def test_an_explorer_run_that_cannot_mix_says_so(caplog):
+    load_config(None, ["steps=4", "schedule.t_mix=1", "explorer.pool_path=pool"])
+    assert "does not mix" in caplog.text
+    caplog.clear()
+    load_config(None, ["steps=4", "schedule.t_mix=1", "explorer.mode=off"])
+    assert "does not mix" not in caplog.text
