@@ -7,7 +7,10 @@ import logging
 import signal
 import sys
 
-from megatron_s2l.config import ConfigError
+from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, load_config, to_yaml
+from megatron_s2l.eval.runner import add_eval_arguments
+from megatron_s2l.eval.study import add_study_arguments
+from megatron_s2l.rollout.pool_cli import add_pool_arguments
 
 logger = logging.getLogger("megatron_s2l")
 
@@ -41,9 +44,8 @@ def _add_convert(subparsers) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from megatron_s2l import platform
-    from megatron_s2l.config import ModelConfig, ParallelConfig
-    from megatron_s2l.model import checkpoint_io, specs
+    from megatron_s2l import platform  # lazy: torch (a fast --help)
+    from megatron_s2l.model import checkpoint_io, specs  # lazy: torch (a fast --help)
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
     platform.init_distributed(args.tp, args.pp)
@@ -79,8 +81,6 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from megatron_s2l.config import load_config, to_yaml
-
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
@@ -91,7 +91,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_s2l import platform  # lazy: torch and megatron-core (a fast --help)
-    from megatron_s2l.train.build import build_trainer
+    from megatron_s2l.train.build import build_trainer  # lazy: torch (a fast --help)
 
     with platform.distributed(cfg.parallel, seed=cfg.seed):
         if platform.is_rank0():  # the run's record, next to its metrics
@@ -107,32 +107,14 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pool(subparsers) -> None:
-    from megatron_s2l.rollout.pool_cli import add_pool_arguments
-
-    add_pool_arguments(subparsers)
-
-
-def _add_eval(subparsers) -> None:
-    from megatron_s2l.eval.runner import add_eval_arguments
-
-    add_eval_arguments(subparsers)
-
-
-def _add_study(subparsers) -> None:
-    from megatron_s2l.eval.study import add_study_arguments
-
-    add_study_arguments(subparsers)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2l", description="megatron-s2l: S2L-PO on Megatron-Core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
-    _add_pool(subparsers)
-    _add_eval(subparsers)
-    _add_study(subparsers)
+    add_pool_arguments(subparsers)
+    add_eval_arguments(subparsers)
+    add_study_arguments(subparsers)
     _add_convert(subparsers)
     return parser
 

@@ -94,7 +94,7 @@ _TRITON_UNUSABLE: Optional[str] = None  # why the kernels failed to compile here
 def _run_triton(kernel_call, may_fall_back: bool):
     """The kernel call's result; None when it cannot compile on this GPU (too little shared memory, an
     unsupported architecture) and `auto` chose Triton: the caller then takes the torch path, from now on."""
-    from megatron_s2l.algo import logprobs_triton
+    from megatron_s2l.algo import logprobs_triton  # lazy: triton (only on some machines)
 
     global _TRITON_UNUSABLE
     try:
@@ -118,7 +118,7 @@ class _FusedLogProbs(torch.autograd.Function):
         local_targets = torch.where(in_shard, local_targets, -1)
         stats = None
         if use_triton:
-            from megatron_s2l.algo import logprobs_triton
+            from megatron_s2l.algo import logprobs_triton  # lazy: triton (only on some machines)
 
             segments = _run_triton(lambda: logprobs_triton.forward_segments(hidden, weight, local_targets.int(),
                                                                             temperature), may_fall_back)
@@ -147,7 +147,7 @@ class _FusedLogProbs(torch.autograd.Function):
             g_entropy = None if grad_entropy is None else grad_entropy[rows].float()
             grad_logits = None  # d loss / d (hidden @ weight.T), [c, V] in the weight's dtype
             if use_triton:  # one kernel; it recomputes the logits tile by tile
-                from megatron_s2l.algo import logprobs_triton
+                from megatron_s2l.algo import logprobs_triton  # lazy: triton (only on some machines)
 
                 zeros = torch.zeros_like(log_z[rows])
                 grad_logits = _run_triton(lambda: logprobs_triton.grad_logits(

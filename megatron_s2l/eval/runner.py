@@ -15,10 +15,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from megatron_s2l.config import RunConfig
+from megatron_s2l.config import DataConfig, RunConfig, to_dict
+from megatron_s2l.data import load_prompts
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
-from megatron_s2l.reward import Reward
+from megatron_s2l.reward import Reward, build_reward
 from megatron_s2l.rollout.diversity import group_diversity
+from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.sampling import sample_and_score
 from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, SamplingParams
@@ -36,9 +38,6 @@ def pass_ks(k: int) -> list[int]:
 
 def load_eval_prompts(cfg: RunConfig, path: str, tokenizer) -> list[PromptRecord]:
     """A run's held-out set: rendered like its training data, in file order, at most eval.max_prompts of them."""
-    from megatron_s2l.config import DataConfig, to_dict
-    from megatron_s2l.data import load_prompts
-
     data = DataConfig(**{**to_dict(cfg.data), "path": path, "shuffle": False})
     return load_prompts(data, tokenizer)[: cfg.eval.max_prompts]
 
@@ -102,8 +101,6 @@ class Evaluator:
 
 def build_evaluator(cfg: RunConfig, engine: RolloutEngine, tokenizer, reward: Reward,
                     runtime: RolloutRuntime) -> Evaluator:
-    from megatron_s2l.rollout.engines import sampling_params
-
     eval_sets = {}
     if cfg.eval.every_steps:
         paths = {"eval": cfg.eval.path} | {f"eval/{name}": path for name, path in cfg.eval.extra.items()}
@@ -147,11 +144,6 @@ def add_eval_arguments(subparsers) -> None:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
-
-    from megatron_s2l.config import DataConfig
-    from megatron_s2l.data import load_prompts
-    from megatron_s2l.reward import build_reward
-    from megatron_s2l.rollout.engines import build_engine
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_s2l.model import convert, specs
 from megatron_s2l.model.convert import unwrap
 from megatron_s2l.model.specs import model_args_from_hf
 
@@ -192,8 +193,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, model_cfg, p
     The result reshards on load, so converting at TP=PP=1 is enough unless one process cannot hold the
     model; under torchrun each rank converts only its own shard.
     """
-    from megatron_s2l.model import convert, specs
-
     checkpoint = HFCheckpoint(hf_dir)
     args = specs.model_args_from_hf(checkpoint.hf_config)
     model = specs.build_gpt_model(args, model_cfg, parallel)
@@ -210,8 +209,6 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg,
 
     Tensors are written in `dtype`, by default the one the HF config declares (norms that Megatron keeps
     in fp32 go back to the checkpoint's dtype)."""
-    from megatron_s2l.model import convert, specs
-
     ckpt_dir = Path(ckpt_dir)
     hf_config = read_checkpoint_hf_config(ckpt_dir)
     args = specs.model_args_from_hf(hf_config)

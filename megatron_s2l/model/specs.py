@@ -197,6 +197,7 @@ def layer_spec(args: ModelArgs, use_te: bool, config):
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
+    # lazy: megatron (megatron-core import cost)
     from megatron_s2l.model.attention import CausalSDPAttention
 
     if use_te:

@@ -19,7 +19,8 @@ def build_engine(model_path: str, url: str = "", *, name: str, rollout: Optional
     replica's client also takes weight updates (rollout.weight_sync, the servers behind a router)."""
     rollout = rollout or RolloutConfig()
     if not url:
-        from megatron_s2l.rollout.local import build_local_engine  # lazy: transformers
+        # lazy: torch, transformers (a local engine only)
+        from megatron_s2l.rollout.local import build_local_engine
 
         return build_local_engine(model_path, device=device, max_batch_rows=max_batch_rows, seed=seed,
                                   version=version)

@@ -14,6 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
+from megatron_s2l.config import load_config
+from megatron_s2l.data import load_prompts
+from megatron_s2l.rollout.engines import build_engine, sampling_params
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,9 +55,7 @@ def add_pool_arguments(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from megatron_s2l.config import load_config
-    from megatron_s2l.rollout.engines import build_engine, sampling_params
-    from megatron_s2l.rollout.pool import build_pool
+    from megatron_s2l.rollout.pool import build_pool  # lazy: pyarrow, torch (a fast --help)
 
     cfg = load_config(args.config, [*args.overrides, "explorer.mode=pool"]
                       + ([f"explorer.pool_path={args.out}"] if args.out else []))
@@ -71,7 +73,7 @@ def run_build(args: argparse.Namespace) -> int:
                    dataset_name=cfg.data.path, reward=_build_reward(cfg) if args.score else None,
                    chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
     except KeyboardInterrupt:
-        from megatron_s2l import platform
+        from megatron_s2l import platform  # lazy: torch (a fast --help)
 
         print(f"explorer pool build stopped (Ctrl-C); the finished chunks are kept in {cfg.explorer.pool_path} "
               "and the same command resumes the build", file=sys.stderr)
@@ -81,6 +83,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    # lazy: pyarrow, torch (a fast --help)
     from megatron_s2l.rollout.pool import CHUNKS, MANIFEST, ExplorerPool, tokenizer_hash
 
     path = Path(args.path)
@@ -131,13 +134,11 @@ def _load_prompts(cfg):
     """The run's training prompts as PromptRecords (data module: dataset, template, length filter)."""
     from transformers import AutoTokenizer
 
-    from megatron_s2l.data import load_prompts
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path or cfg.explorer.model_path)
     return list(load_prompts(cfg.data, tokenizer))
 
 
 def _build_reward(cfg):
-    from megatron_s2l.reward import build_reward
+    from megatron_s2l.reward import build_reward  # lazy: math_verify (only with --score)
 
     return build_reward(cfg.reward)

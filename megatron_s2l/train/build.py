@@ -14,12 +14,14 @@ import torch
 
 from megatron_s2l import platform
 from megatron_s2l.config import RunConfig, to_dict
+from megatron_s2l.data import build_dataset
 from megatron_s2l.eval.runner import Evaluator, build_evaluator
-from megatron_s2l.rollout.ledger import RolloutLedger
 from megatron_s2l.metrics.logger import build_metrics_logger
 from megatron_s2l.model import specs
+from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.collector import NullRollout, RolloutCollector
 from megatron_s2l.rollout.engines import build_engine, sampling_params
+from megatron_s2l.rollout.ledger import RolloutLedger
 from megatron_s2l.rollout.pool import ExplorerPool, tokenizer_hash
 from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.schedule import build_schedule
@@ -60,9 +62,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 def build_rollout(cfg: RunConfig, learner_params: int, runtime: RolloutRuntime) -> RolloutCollector:
     """The driver's rollout side: dataset, explorer, learner replica, reward, schedule and ledger."""
     from transformers import AutoTokenizer  # lazy: the other ranks never load it
-
-    from megatron_s2l.data import build_dataset
-    from megatron_s2l.reward import build_reward
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     explorer = build_explorer(cfg)

@@ -27,7 +27,7 @@ from megatron_s2l.algo.logprobs import vocab_parallel_logprobs
 from megatron_s2l.algo.loss import LossInputs, finalize_metrics, policy_loss, reduction_weights
 from megatron_s2l.config import RunConfig
 from megatron_s2l.metrics import perf
-from megatron_s2l.model import convert, specs
+from megatron_s2l.model import checkpoint_io, convert, specs
 from megatron_s2l.platform import max_over_ranks
 from megatron_s2l.train.batch import TrainBatch, round_up, width_multiple
 
@@ -382,8 +382,6 @@ def build_learner(cfg: RunConfig, hf_dir: str, megatron_checkpoint: str = "") ->
     args = specs.model_args_from_hf(hf_config)
 
     def load_weights(model) -> None:
-        from megatron_s2l.model import checkpoint_io
-
         if megatron_checkpoint:
             checkpoint_io.load_megatron_checkpoint(model, megatron_checkpoint, hf_config)
         else:

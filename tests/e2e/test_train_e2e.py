@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_s2l.rollout.schedule import AnnealSchedule
-from tests.utils import TINY_CONFIG, read_rows, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, read_rows, run_process, run_s2l, toy_overrides
 
 
 def _train(world, run_dir, nproc=1, **extra):
@@ -128,3 +129,19 @@ def test_study_runs_arms_over_seeds_and_resumes(toy_world, tmp_path):
     assert first.stdout.count(": pass@1 ") == 4
     again = run_s2l(args, timeout=600)  # a finished study: every run is skipped
     assert again.stdout.count("done earlier, skipped") == 4
+
+
+@pytest.mark.slow
+def test_trace_step_lists_the_files_one_step_runs_code_in(toy_world, tmp_path):
+    """tools/trace_step.py: the files a step enters, in order (the architecture's map, README)."""
+    result = run_process([sys.executable, "tools/trace_step.py", "--step", "2", "--json", "--", "train", "--config",
+                          str(TINY_CONFIG), *toy_overrides(toy_world, steps=2, **{"schedule.t_mix": 2}),
+                          f"logging.run_dir={tmp_path}"], "trace_step.py", timeout=600)
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    files = traced["files"]
+    assert traced["step"] == 2 and len(files) == len(set(files))
+    # the step's spine, in the order the loop runs it: rollout, batch, update, sync
+    spine = ["train/trainer.py", "rollout/collector.py", "rollout/sampling.py", "algo/advantages.py",
+             "train/batch.py", "train/learner.py", "algo/loss.py", "train/weight_sync.py"]
+    assert [f for f in files if f in spine] == spine, files
+    assert "train/build.py" not in files and "cli.py" not in files  # assembly happens once, before step 1

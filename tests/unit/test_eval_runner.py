@@ -82,4 +82,4 @@ def test_every_lazy_import_of_the_cli_resolves():
                     assert hasattr(module, alias.name) or importlib.util.find_spec(
                         f"{node.module}.{alias.name}"), f"{path.name}: from {node.module} import {alias.name}"
                 checked += 1
-    assert checked > 20
+    assert checked > 10

@@ -20,8 +20,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.utils import REPO
 
 PACKAGE = "megatron_s2l"
@@ -205,12 +203,6 @@ def test_no_module_imports_a_higher_layer_or_in_a_cycle():
     assert not problems, "\n".join(problems)
 
 
-UNJUSTIFIED_TODAY = ["algo/logprobs.py", "cli.py", "eval/runner.py", "eval/study.py",
-                     "model/checkpoint_io.py", "model/specs.py", "reward/pool.py", "rollout/engines.py",
-                     "rollout/pool_cli.py", "train/build.py", "train/learner.py"]
-
-
-@pytest.mark.xfail(strict=True, reason=f"function-level imports to justify or hoist in {UNJUSTIFIED_TODAY}")
 def test_function_level_imports_say_what_they_defer():
     problems = unjustified_lazy_imports(REPO, PACKAGE, project_imports(REPO, PACKAGE))
     assert not problems, "\n".join(problems)
