@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, load_config, to_yaml
 from megatron_s2l.eval.runner import add_eval_arguments
@@ -88,8 +89,6 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from pathlib import Path
-
     from megatron_s2l import platform  # lazy: torch and megatron-core (a fast --help)
     from megatron_s2l.train.build import build_trainer  # lazy: torch (a fast --help)
 
