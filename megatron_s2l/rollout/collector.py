@@ -194,8 +194,7 @@ class RolloutCollector:
                 raise ValueError(f"prompt {p.prompt_id!r} is tokenized differently from when the "
                                  f"explorer pool {self.explorer.path} was built (template, max length or "
                                  "tokenizer changed); rebuild the pool with the current data settings")
-        score_samples(self.reward, [s for row in samples for s in row],
-                      [p.gold for p, row in zip(prompts, samples) for _ in row])
+        score_samples(self.reward, prompts, samples)
         return samples
 
     def _params(self, params: SamplingParams, step: int, round_index: int, source: str) -> SamplingParams:

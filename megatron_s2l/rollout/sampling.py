@@ -20,13 +20,15 @@ async def sample_and_score(engine: RolloutEngine, prompts: Sequence[PromptRecord
     samples = [[Sample.from_generation(g, p.prompt_id, p.prompt_ids, source, text=next(texts)) for g in gens]
                for p, gens in zip(prompts, generations)]
     if reward is not None:
-        score_samples(reward, [s for row in samples for s in row],
-                      [p.gold for p, row in zip(prompts, samples) for _ in row])
+        score_samples(reward, prompts, samples)
     return samples
 
 
-def score_samples(reward: Reward, samples: list[Sample], golds: list[str]) -> None:
-    """Set each sample's reward and extracted answer (one verifier for every source)."""
+def score_samples(reward: Reward, prompts: Sequence[PromptRecord], samples: list[list[Sample]]) -> None:
+    """Set each sample's ([B][n], one row per prompt) reward and extracted answer against its prompt's gold
+    (one verifier for every source)."""
+    golds = [p.gold for p, row in zip(prompts, samples) for _ in row]
+    samples = [s for row in samples for s in row]
     results = reward.score_batch([s.text for s in samples], golds)
     if len(results) != len(samples):
         raise ValueError(f"the reward returned {len(results)} results for {len(samples)} responses; "

@@ -68,10 +68,10 @@ def build_rollout(cfg: RunConfig, learner_params: int, runtime: RolloutRuntime) 
     replica_url = cfg.rollout.learner_url if cfg.rollout.engine == "sglang" else ""
     learner_engine = build_engine(cfg.model.path, replica_url, name="learner-replica", rollout=cfg.rollout,
                                   seed=cfg.seed, learner_replica=True)
-    explorer_params = learner_params
+    explorer_size = learner_params  # parameters, for the ledger's FLOPs
     if cfg.explorer.mode != "off" and cfg.explorer.model_path:
-        explorer_params = specs.model_args_from_hf(specs.load_hf_config(cfg.explorer.model_path)).num_parameters
-    ledger = RolloutLedger(learner_params=learner_params, explorer_params=explorer_params,
+        explorer_size = specs.model_args_from_hf(specs.load_hf_config(cfg.explorer.model_path)).num_parameters
+    ledger = RolloutLedger(learner_params=learner_params, explorer_params=explorer_size,
                            explorer_is_pool=cfg.explorer.mode == "pool")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return RolloutCollector(
