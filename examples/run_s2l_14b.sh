@@ -6,6 +6,7 @@
 #   ROLE=rollout bash examples/run_s2l_14b.sh                                # rollout node (node A)
 #   ROLE=train ROLLOUT_ADDR=<node A> MASTER_ADDR=<this node> bash examples/run_s2l_14b.sh   # training node
 # Add --dry-run to print the commands; LEARNER, EXPLORER, DATA, POOL and key=value overrides as in run_s2l_8b.sh.
+""":"  # bash: the no-op `:`; Python (`torchrun` typed in front): a string up to the end of bash
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONFIG=${CONFIG:-$HERE/configs/s2l_qwen3_14b.yaml}
@@ -18,3 +19,10 @@ ROLLOUT_GPUS=${ROLLOUT_GPUS:-8}   # the whole rollout node: 4 learner replicas o
 SGLANG_TP=${SGLANG_TP:-2}
 source "$HERE/lib/launch.sh"
 launch
+exit
+"""
+# Python from here on: `torchrun examples/run_s2l_14b.sh` runs this file as bash, once per node
+import os, sys  # noqa: E401
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from torchrun_as_bash import rerun_in_bash  # noqa: E402
+rerun_in_bash(__file__)

@@ -10,6 +10,7 @@
 # Node 0 builds the explorer pool once (an SGLang explorer server, unless POOL holds a complete one), then serves
 # the learner replica (one SGLang server per SGLANG_TP GPUs behind sglang-router) on its last ROLLOUT_GPUS
 # GPUs; torchrun starts the Megatron learner on the rest. See examples/lib/launch.sh for every variable.
+""":"  # bash: the no-op `:`; Python (`torchrun` typed in front): a string up to the end of bash
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CONFIG=${CONFIG:-$HERE/configs/s2l_qwen3_8b.yaml}
@@ -20,3 +21,10 @@ POOL=${POOL:-/pools/qwen3-1.7b-base-dapo}
 TP=${TP:-4}
 source "$HERE/lib/launch.sh"
 launch
+exit
+"""
+# Python from here on: `torchrun examples/run_s2l_8b.sh` runs this file as bash, once per node
+import os, sys  # noqa: E401
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from torchrun_as_bash import rerun_in_bash  # noqa: E402
+rerun_in_bash(__file__)

@@ -16,6 +16,22 @@ from megatron_s2l.rollout.pool_cli import add_pool_arguments
 logger = logging.getLogger("megatron_s2l")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser. With `intermixed` set (`s2l train`), the positionals (key=value overrides) may
+    come before, between and after the options, e.g. after `--resume PATH`."""
+
+    intermixed = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed:
+            return super().parse_known_args(args, namespace)
+        self.intermixed = False  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self.intermixed = True
+
+
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this job (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this job (default 1)")
@@ -23,10 +39,18 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_convert(subparsers) -> None:
     convert = subparsers.add_parser(
-        "convert", help="convert weights between Hugging Face and Megatron-Core",
+        "convert", help="convert weights: GGUF -> HF, HF <-> Megatron-Core",
         description="Convert between HF safetensors and Megatron dist checkpoints (torch_dist, "
-                    "reshardable). Runs as one process, or under torchrun for TP x PP.")
+                    "reshardable; one process, or under torchrun for TP x PP), or a GGUF file to HF.")
     sub = convert.add_subparsers(dest="direction", required=True)
+    from_gguf = sub.add_parser(
+        "gguf-to-hf", help="GGUF file (e.g. a quantised llama.cpp model) -> HF dir",
+        description="Dequantise a GGUF file with transformers' GGUF loader and write a plain HF safetensors "
+                    "folder with its tokenizer and chat template.")
+    from_gguf.add_argument("--gguf", required=True, help="the .gguf file")
+    from_gguf.add_argument("--out", required=True, help="output HF checkpoint directory")
+    from_gguf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                           help="dtype of the dequantised weights (default float32)")
     to_mcore = sub.add_parser("hf-to-megatron", help="HF checkpoint dir -> Megatron dist checkpoint")
     to_mcore.add_argument("--hf", required=True, help="local HF checkpoint directory (config.json + safetensors)")
     to_mcore.add_argument("--out", required=True, help="output checkpoint directory")
@@ -43,6 +67,11 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    if args.direction == "gguf-to-hf":
+        from megatron_s2l.model.gguf import convert_gguf_to_hf  # lazy: torch, transformers (a fast --help)
+
+        convert_gguf_to_hf(args.gguf, args.out, args.dtype)
+        return 0
     import torch
 
     from megatron_s2l import platform  # lazy: torch (a fast --help)
@@ -58,7 +87,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         else:
             meta = checkpoint_io.read_checkpoint_meta(args.ckpt)
             model_dtype = meta.get("dtype", "float32")
-            out_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+            out_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # None: the checkpoint's
             checkpoint_io.convert_megatron_to_hf(args.ckpt, args.out, ModelConfig(dtype=model_dtype),
                                                  parallel, dtype=out_dtype)
     finally:
@@ -77,7 +106,9 @@ def _add_train(subparsers) -> None:
                        help="`auto` (latest checkpoint in checkpoint.dir) or a checkpoint directory")
     train.add_argument("--print-config", action="store_true",
                        help="print the validated config with every default filled in (YAML) and exit")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the YAML")
+    train.add_argument("overrides", nargs="*",
+                       help="key.sub=value overrides of the YAML (anywhere in the line)")
+    train.intermixed = True
     train.set_defaults(handler=_run_train)
 
 
@@ -109,7 +140,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2l", description="megatron-s2l: S2L-PO on Megatron-Core")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(subparsers)
     add_pool_arguments(subparsers)
     add_eval_arguments(subparsers)

@@ -110,14 +110,14 @@ def apply_cpu_adapter() -> None:
     assert set(replacements) == set(PATCHED_SYMBOLS)
     for (module_name, attribute), value in replacements.items():
         _patch(module_name, attribute, value)
-    _quiet_expected_cpu_warnings()
     _cpu_adapter_mode = _CudaToCpuMode()
     _cpu_adapter_mode.__enter__()  # stays active for the life of the process
     logger.debug("megatron-core CPU adapter applied")
 
 
 def _quiet_expected_cpu_warnings() -> None:
-    """Silence megatron-core notices that are expected without CUDA/TE/apex and not actionable."""
+    """Silence megatron-core notices that are expected without CUDA/TE/apex and not actionable. Its modules
+    warn when imported, so this runs when this module is (cli imports it before anything of megatron-core)."""
     for pattern in ("Apex is not installed", "Transformer Engine and Apex are not installed",
                     "full scope is deprecated", "Please use DTensor instead",
                     "`load_state_dict` is deprecated", "`torch.distributed.reduce_scatter_tensor` is deprecated",
@@ -125,6 +125,12 @@ def _quiet_expected_cpu_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage())  # CPU is the "GPU" RNG here
+    logger.debug("no CUDA: megatron-core runs without Transformer Engine and Apex (torch optimizers, local "
+                 "kernels); its warnings saying so are hidden")
+
+
+if not torch.cuda.is_available():
+    _quiet_expected_cpu_warnings()
 
 
 def device() -> torch.device:

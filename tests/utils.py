@@ -197,29 +197,11 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str] = (), timeout: 
 
 
 def smollm2_hf_checkpoint(out_dir: str | Path) -> Path:
-    """SmolLM2-135M-Instruct as a plain HF safetensors checkpoint (GGUF dequantized by transformers).
+    """SmolLM2-135M-Instruct as a plain HF safetensors checkpoint (float32), made from the shipped GGUF file
+    by the code of `s2l convert gguf-to-hf`."""
+    from megatron_s2l.model.gguf import convert_gguf_to_hf
 
-    transformers refuses `save_pretrained` on GGUF-loaded models, so write the state dict ourselves,
-    dropping the tied lm_head (it is the embedding) and the GGUF quantization entry of the config.
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return convert_gguf_to_hf(smollm2_gguf(), out_dir, "float32")
 
 
 def make_toy_world_in_one_thread(root: Path, pool: bool = True, **sizes) -> dict[str, str]:

@@ -72,7 +72,7 @@ EXTRA_OVERRIDES=()
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *=*) EXTRA_OVERRIDES+=("$arg") ;;
     *) echo "unknown argument: $arg (use --dry-run or key=value overrides)" >&2; exit 2 ;;
   esac

@@ -13,17 +13,18 @@ import collections
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_s2l.config import DataConfig, RunConfig, to_dict
 from megatron_s2l.data import load_prompts
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
-from megatron_s2l.reward import Reward, build_reward
 from megatron_s2l.rollout.diversity import group_diversity
 from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.runtime import RolloutRuntime
-from megatron_s2l.rollout.sampling import sample_and_score
 from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_s2l.reward import Reward
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def load_eval_prompts(cfg: RunConfig, path: str, tokenizer) -> list[PromptRecord
 def evaluate_prompts(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, reward: Reward, k: int,
                      params: SamplingParams, runtime: RolloutRuntime) -> tuple[list[dict], dict]:
     """k samples per prompt -> per-problem records and a summary (pass@1..k, lengths, finish reasons)."""
+    from megatron_s2l.rollout.sampling import sample_and_score  # lazy: math_verify (a fast `s2l --help`)
+
     samples = runtime.run(sample_and_score(engine, prompts, k, params, tokenizer, reward, "learner"))
     records, finish = [], collections.Counter()
     for prompt, mine in zip(prompts, samples):
@@ -54,7 +57,7 @@ def evaluate_prompts(engine: RolloutEngine, prompts: list[PromptRecord], tokeniz
             "prompt_id": prompt.prompt_id, "gold": prompt.gold, "n": k, "correct": correct,
             **{f"pass@{j}": pass_at_k(k, correct, j) for j in pass_ks(k)},
             "answers": [s.answer for s in mine], "mean_length": sum(len(s.response_ids) for s in mine) / k,
-            "finish_reasons": [s.finish_reason for s in mine],
+            "finish_reasons": [s.finish_reason for s in mine], "responses": [s.text for s in mine],
             **group_diversity([s.text for s in mine], [s.answer for s in mine]),
         })
     summary = {"num_problems": len(records), "k": k,
@@ -110,12 +113,18 @@ def build_evaluator(cfg: RunConfig, engine: RolloutEngine, tokenizer, reward: Re
 
 
 def run_eval(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, reward: Reward, k: int, out_dir: Path,
-             name: str, params: SamplingParams, runtime: RolloutRuntime) -> dict:
-    """Evaluate and write <out_dir>/<name>.jsonl (per problem) and <out_dir>/<name>.summary.json."""
+             name: str, params: SamplingParams, runtime: RolloutRuntime,
+             save_responses: bool = False) -> dict:
+    """Evaluate and write <out_dir>/<name>.jsonl (per problem; with save_responses, the prompt and the
+    response texts too) and <out_dir>/<name>.summary.json."""
     records, summary = evaluate_prompts(engine, prompts, tokenizer, reward, k, params, runtime)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{name}.jsonl").open("w") as file:
-        for record in records:
+        for prompt, record in zip(prompts, records):
+            if save_responses:
+                record = {"prompt": tokenizer.decode(prompt.prompt_ids), **record}
+            else:
+                record = {key: value for key, value in record.items() if key != "responses"}
             file.write(json.dumps(record) + "\n")
     (out_dir / f"{name}.summary.json").write_text(json.dumps({"benchmark": name, **summary}, indent=2))
     logger.info("%s: %s", name, " ".join(f"pass@{j}={summary[f'pass@{j}']:.3f}" for j in pass_ks(k)))
@@ -125,7 +134,8 @@ def run_eval(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, rewa
 def add_eval_arguments(subparsers) -> None:
     ev = subparsers.add_parser(
         "eval", help="pass@k on benchmarks with the paper's protocol",
-        description="e.g. `s2l eval --model runs/hf --data ../shared/data/aime24/test.jsonl --k 16 --out runs/eval`")
+        description="e.g. `s2l eval --model runs/hf --data examples/data/gsm8k/test.jsonl --k 4 "
+                    "--out runs/eval`")
     ev.add_argument("--model", required=True, help="HF checkpoint directory (also the tokenizer)")
     ev.add_argument("--url", help="sample from this running SGLang server instead of loading --model")
     ev.add_argument("--data", required=True, nargs="+", help="benchmark files (.jsonl/.parquet/datasets dir)")
@@ -139,11 +149,15 @@ def add_eval_arguments(subparsers) -> None:
     ev.add_argument("--top-k", type=int, default=20)
     ev.add_argument("--presence-penalty", type=float, default=1.5)
     ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--save-responses", action="store_true",
+                    help="also write each problem's prompt and response texts (why is an answer null?)")
     ev.set_defaults(handler=run_eval_command)
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
+
+    from megatron_s2l.reward import build_reward  # lazy: math_verify (a fast `s2l --help`)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -155,7 +169,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
             prompts = load_prompts(DataConfig(path=data, template=args.template, max_prompt_length=10**6), tokenizer)
             name = Path(data).parent.name if Path(data).stem in ("test", "train") else Path(data).stem
             run_eval(engine, prompts[:args.max_prompts], tokenizer, reward, args.k, Path(args.out), name, params,
-                     runtime)
+                     runtime, save_responses=args.save_responses)
     finally:
         runtime.run(engine.close())
         reward.close()

@@ -46,7 +46,7 @@ class HFCheckpoint:
             files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json; "
-                                    "convert .bin/.gguf checkpoints with transformers save_pretrained first")
+                                    f"{_how_to_make_safetensors(self.path)}")
         self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.hf_config = json.loads((self.path / "config.json").read_text())
@@ -61,6 +61,15 @@ class HFCheckpoint:
         return set(self._where)
 
 
+
+
+def _how_to_make_safetensors(path: Path) -> str:
+    """The fix for a model folder without safetensors, for the files it does hold."""
+    gguf = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if gguf:
+        return f"make one from the GGUF file with `s2l convert gguf-to-hf --gguf {gguf[0]} --out <new dir>`"
+    return ("a GGUF file converts with `s2l convert gguf-to-hf --gguf FILE --out DIR`; .bin weights with "
+            "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
 
 
 def save_megatron_checkpoint(model, out_dir: str | Path, hf_config: dict,
@@ -187,6 +196,12 @@ def hf_dtype(hf_config: dict) -> str:
     return "bfloat16" if "bfloat16" in declared else "float32"
 
 
+def with_dtype(hf_config: dict, dtype: torch.dtype) -> dict:
+    """The HF config declaring `dtype` (what the exported tensors are), under the key(s) it already uses."""
+    keys = [key for key in ("dtype", "torch_dtype") if hf_config.get(key)] or ["torch_dtype"]
+    return {**hf_config, **{key: str(dtype).removeprefix("torch.") for key in keys}}
+
+
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, model_cfg, parallel) -> Path:
     """HF safetensors -> Megatron dist checkpoint, built at `parallel`'s TP x PP.
 
@@ -207,14 +222,16 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, model_cfg,
                            dtype: torch.dtype | None = None) -> Path:
     """Megatron dist checkpoint (any TP x PP it was saved at) -> HF safetensors, written by rank 0.
 
-    Tensors are written in `dtype`, by default the one the HF config declares (norms that Megatron keeps
-    in fp32 go back to the checkpoint's dtype)."""
+    Tensors are written in `dtype`, by default the checkpoint's (norms that Megatron keeps in fp32 go back to
+    it), and the written config declares it."""
     ckpt_dir = Path(ckpt_dir)
-    hf_config = read_checkpoint_hf_config(ckpt_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    hf_config = meta["hf_config"]
     args = specs.model_args_from_hf(hf_config)
     model = specs.build_gpt_model(args, model_cfg, parallel)
     load_megatron_checkpoint(model, ckpt_dir, hf_config)
-    dtype = dtype or getattr(torch, hf_dtype(hf_config))
+    dtype = dtype or getattr(torch, meta.get("dtype") or hf_dtype(hf_config))
+    hf_config = with_dtype(hf_config, dtype)
     tensors = convert.iter_hf_tensors(model, args, dtype=dtype)
     assets = ckpt_dir / HF_ASSETS_SUBDIR
     if not dist.is_initialized() or dist.get_rank() == 0:

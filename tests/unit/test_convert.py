@@ -80,6 +80,19 @@ def test_convert_bf16_round_trip_is_bit_exact(mcore_world1, tmp_path):
     assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], v) for k, v in original.items())
 
 
+def test_megatron_to_hf_writes_the_checkpoints_dtype_by_default(mcore_world1, tmp_path):
+    """`s2l convert megatron-to-hf --dtype auto`: a bf16 checkpoint of an fp32 HF model exports as bf16."""
+    hf_dir = make_tiny_model(tmp_path / "fp32", num_hidden_layers=2)
+    assert checkpoint_io.hf_dtype(specs.load_hf_config(hf_dir)) == "float32"
+    bf16 = ModelConfig(dtype="bfloat16")
+    checkpoint_io.convert_hf_to_megatron(hf_dir, tmp_path / "mcore", bf16, ParallelConfig())
+    checkpoint_io.convert_megatron_to_hf(tmp_path / "mcore", tmp_path / "out", bf16, ParallelConfig())
+    exported = load_file(tmp_path / "out/model.safetensors")
+    assert {tensor.dtype for tensor in exported.values()} == {torch.bfloat16}
+    assert checkpoint_io.hf_dtype(specs.load_hf_config(tmp_path / "out")) == "bfloat16"  # as its tensors
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
 def test_convert_streams_every_tensor_in_memory(mcore_world1, tiny_qwen3):
     model, args = _megatron_from_hf(tiny_qwen3)
     original = load_file(tiny_qwen3 / "model.safetensors")

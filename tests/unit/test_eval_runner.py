@@ -11,7 +11,7 @@ from megatron_s2l.config import DataConfig, RewardConfig
 from megatron_s2l.data import load_prompts
 from megatron_s2l.eval.passk import pass_at_k
 from megatron_s2l.eval.runner import pass_ks, run_eval
-from megatron_s2l.reward import MathScorer
+from megatron_s2l.reward import MathScorer, extract_answer
 from megatron_s2l.rollout.local import build_local_engine
 from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.types import SamplingParams
@@ -47,12 +47,37 @@ def test_run_eval_writes_consistent_results(model_dir, tmp_path):
     assert 0.0 <= summary["unique_answer_ratio"] <= 1.0
 
 
+def test_save_responses_writes_the_prompts_and_response_texts(model_dir, tmp_path):
+    """`s2l eval --save-responses`: what the model wrote, so that an `answers: [null]` can be read."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    data = DataConfig(path=str(shared_dir() / "data/gsm8k/test.jsonl"), template="qwen3_nothink",
+                      max_prompt_length=4096)
+    prompts = load_prompts(data, tokenizer)[:2]
+    engine = build_local_engine(model_dir, seed=0)
+    runtime, reward = RolloutRuntime(), MathScorer(RewardConfig(num_workers=0))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=1)
+    try:
+        run_eval(engine, prompts, tokenizer, reward, 3, tmp_path / "plain", "gsm8k", params, runtime)
+        run_eval(engine, prompts, tokenizer, reward, 3, tmp_path / "texts", "gsm8k", params, runtime,
+                 save_responses=True)
+    finally:
+        runtime.close()
+    plain, texts = ([json.loads(line) for line in (tmp_path / name / "gsm8k.jsonl").read_text().splitlines()]
+                    for name in ("plain", "texts"))
+    assert "responses" not in plain[0] and "prompt" not in plain[0]  # the default file stays small
+    for prompt, record in zip(prompts, texts):
+        assert record["prompt"] == prompt.text
+        assert len(record["responses"]) == 3 and all(isinstance(text, str) for text in record["responses"])
+        assert any(record["responses"])
+        assert record["answers"] == [extract_answer(text) for text in record["responses"]]
+
+
 def test_cli_subcommands_show_help(capsys):
     from megatron_s2l.cli import build_parser
 
     parser = build_parser()
     for command in (["train"], ["pool", "build"], ["pool", "inspect"], ["eval"], ["convert", "hf-to-megatron"],
-                    ["convert", "megatron-to-hf"]):
+                    ["convert", "megatron-to-hf"], ["convert", "gguf-to-hf"]):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([*command, "--help"])
         assert exit_info.value.code == 0

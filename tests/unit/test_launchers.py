@@ -29,11 +29,11 @@ def _commands(stdout: str) -> list[list[str]]:
             if line.startswith("+ ") and not line.startswith("+ waiting")]
 
 
-def launcher(script: str, **env) -> subprocess.CompletedProcess:
+def launcher(script: str, runner: tuple[str, ...] = ("bash",), **env) -> subprocess.CompletedProcess:
     defaults = {"GPUS_PER_NODE": "8", "NNODES": "1", "POOL": "/nonexistent/pool"}
     clean = {k: v for k, v in os.environ.items() if k not in ("ROLE", "ROLLOUT_ADDR", "MASTER_ADDR")}
-    return subprocess.run(["bash", f"examples/{script}", "--dry-run", "algorithm.kl_coef=0.002"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, env={**clean, **defaults, **env})
+    return subprocess.run([*runner, f"examples/{script}", "--dry-run", "algorithm.kl_coef=0.002"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**clean, **defaults, **env})
 
 
 def _train_config(commands: list[list[str]]):
@@ -306,6 +306,28 @@ def test_a_server_that_dies_while_others_load_stops_the_launch_at_once(tmp_path)
 def test_bad_layouts_are_refused_with_the_fix(env, message):
     result = launcher("run_s2l_8b.sh", **env)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("script", ["run_s2l_8b.sh", "run_s2l_14b.sh", "run_grpo_8b.sh"])
+def test_a_launcher_run_by_python_runs_as_bash(script):
+    """Each launcher is bash and Python at once, because torchrun runs the script it is given with Python."""
+    layout = dict(ROLLOUT_GPUS="4", SGLANG_TP="2")
+    as_python = launcher(script, runner=(sys.executable,), **layout)
+    assert as_python.returncode == 0, as_python.stderr
+    assert _commands(as_python.stdout) == dry_run(script, **layout)
+
+
+def test_torchrun_typed_in_front_of_a_launcher_runs_it_once_as_bash():
+    """`torchrun examples/run_s2l_8b.sh` (the design card's words): one launcher, in the environment torchrun
+    was started with (the user's MASTER_ADDR, not torchrun's port), and every worker exits 0."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(free_port()))
+    typed = launcher("run_s2l_8b.sh", runner=torchrun, MASTER_ADDR="10.1.2.3")
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stderr.count("run_s2l_8b.sh is a bash launcher that starts torchrun itself") == 1
+    assert _commands(typed.stdout) == dry_run("run_s2l_8b.sh", MASTER_ADDR="10.1.2.3")
+    trainer, _ = _train_config(_commands(typed.stdout))
+    assert (_flag(trainer, "--master-addr"), _flag(trainer, "--master-port")) == ("10.1.2.3", "29500")
 
 
 def test_unknown_argument_is_refused():
