@@ -160,6 +160,10 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal and over-sample to refill the batch (DAPO)."""
     max_oversample_rounds: int = 3
     """Upper bound on extra collection rounds when dynamic sampling drops groups."""
+    max_staleness: int = 0
+    """k: asynchronous rollouts. With k >= 1 the next k steps' rollouts are generated while the learner trains,
+    so learner samples may come from weights up to k versions old (corrected by algorithm.stale_tis); 0: each
+    step samples from the newest weights, then trains (the paper's loop)."""
     request_timeout_s: float = 3600.0
     """HTTP timeout for one generate request. All of a step's requests are sent at once and wait in the
     servers' queues, so this must cover the whole rollout phase (tens of minutes for 1024 prompts x 16
@@ -177,6 +181,8 @@ class RolloutConfig:
         if self.engine == "sglang":
             _check(bool(self.learner_url), "rollout.learner_url", self.learner_url,
                    "set the learner replica's server URL, e.g. http://127.0.0.1:30000")
+        _check(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness,
+               "use 0 (synchronous) or k >= 1 steps of rollouts ahead")
         if self.weight_sync == "memory":
             _check(self.engine == "local", "rollout.weight_sync", self.weight_sync,
                    "memory sync is only for engine=local; use tensor, distributed or disk for sglang")
@@ -244,7 +250,10 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = 3.0
     """Dual-clip constant c for negative advantages (null: off)."""
     tis_clamp: float = 2.0
-    """ratio=tis: clamp of the token-level pi_old / pi_behaviour weight."""
+    """Clamp of the token-level pi_old / pi_behaviour weight (ratio=tis, stale_tis)."""
+    stale_tis: bool = True
+    """Asynchronous rollouts: weight learner tokens sampled by older weights by min(pi_old / pi_behaviour,
+    tis_clamp) (truncated importance sampling); off: train on them as if fresh."""
     luffy_gamma: float = 0.1
     """ratio=luffy: shaping p / (p + gamma) for explorer tokens."""
     kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
@@ -407,6 +416,9 @@ class LoggingConfig:
     """[first, last]: record these steps with torch.profiler; traces go to <run_dir>/profile ([] = off)."""
     profile_ranks: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Global ranks that record the profile (each writes its own trace)."""
+    save_rollouts: bool = False
+    """Write each step's samples (prompt id, source, weight version, reward, answer, text) to
+    <run_dir>/rollouts/step_NNNNNN.jsonl."""
 
     def validate(self) -> None:
         steps = self.profile_steps

@@ -14,6 +14,7 @@ No marker means no answer (reward 0), even if the right number appears in the te
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Optional
 
@@ -62,7 +63,10 @@ def _as_latex(answer: str) -> str:
 
 
 def equivalent(prediction: str, gold: str, timeout_s: int = 5) -> bool:
-    """math-verify equivalence of two final answers (signal-based timeouts: call from a main thread)."""
+    """math-verify equivalence of two final answers. Its timeouts are signal alarms, which work only in a main
+    thread; elsewhere (in-process scoring, reward.num_workers=0, during asynchronous rollouts) there is none."""
+    if threading.current_thread() is not threading.main_thread():
+        timeout_s = None
     gold_parsed = parse(_as_latex(gold), extraction_config=_EXTRACTION, parsing_timeout=timeout_s)
     pred_parsed = parse(_as_latex(prediction), extraction_config=_EXTRACTION, parsing_timeout=timeout_s)
     if not gold_parsed or not pred_parsed:  # unparseable: fall back to exact text

@@ -30,7 +30,10 @@ def build_engine(model_path: str, url: str = "", *, name: str, rollout: Optional
     if learner_replica:
         updates = dict(worker_urls=rollout.learner_worker_urls or None, update_mode=rollout.weight_sync,
                        bucket_mb=rollout.weight_sync_bucket_mb,
-                       master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+                       master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       # asynchronous rollouts: requests in flight at a sync are held and go on with the new
+                       # weights (each sample keeps its oldest version), not aborted
+                       pause_mode="retract" if rollout.max_staleness else "abort")
     return SGLangEngine(url, api_key=rollout.api_key, request_timeout_s=rollout.request_timeout_s, name=name,
                         **updates)
 

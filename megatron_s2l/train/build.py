@@ -80,7 +80,9 @@ def build_rollout(cfg: RunConfig, learner_params: int, runtime: RolloutRuntime) 
         ledger, learner_engine, sampling_params(cfg, "learner"), tokenizer, build_reward(cfg.reward), runtime,
         prompts_per_step=cfg.rollout.prompts_per_step, explorer=explorer,
         explorer_params=sampling_params(cfg, "explorer"), dynamic_sampling=cfg.rollout.dynamic_sampling,
-        max_oversample_rounds=cfg.rollout.max_oversample_rounds, seed=cfg.seed, pad_id=pad_id)
+        max_oversample_rounds=cfg.rollout.max_oversample_rounds, seed=cfg.seed, pad_id=pad_id,
+        max_staleness=cfg.rollout.max_staleness, last_step=cfg.steps,
+        rollouts_dir=Path(cfg.logging.run_dir) / "rollouts" if cfg.logging.save_rollouts else None)
 
 
 def build_explorer(cfg: RunConfig) -> Union[ExplorerPool, RolloutEngine, None]:

@@ -170,3 +170,18 @@ def test_resume_at_a_different_tp_and_export_the_learner(toy_world, tmp_path):
     assert set(exported) == set(initial)
     assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # trained
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # a complete HF checkpoint (config, tokenizer)
+
+
+@pytest.mark.slow
+def test_a_run_from_model_megatron_checkpoint_samples_step_1_from_those_weights(toy_world, tmp_path):
+    """model.path gives the architecture and tokenizer; the weights come from model.megatron_checkpoint (here a
+    run's trained checkpoint). The learner replica must get them before step 1: its samples' log-probs then
+    match the learner's to float noise (synced from model.path's weights instead, the gap measured 6e-4)."""
+    trained = tmp_path / "trained"
+    run_s2l(["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, steps=2, **{"explorer.mode": "off",
+             "optimizer.lr": 1e-3, "eval.every_steps": 0}), f"logging.run_dir={trained}"])
+    run_s2l(["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, steps=1, **{
+        "explorer.mode": "off", "eval.every_steps": 0,
+        "model.megatron_checkpoint": trained / "checkpoints" / "step_000002"}), f"logging.run_dir={tmp_path / 'run'}"])
+    gap = read_rows(tmp_path / "run")[0]["loss/behaviour_gap/learner"]
+    assert abs(gap) < 1e-4, gap
