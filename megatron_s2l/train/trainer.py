@@ -86,6 +86,7 @@ class Trainer:
         if path is not None:
             state = self.checkpointer.load(path, self.learner)
             self.control.resumed(state["step"])
+            self.metrics.resumed(state["step"])  # rows of the steps that run again
             self.rollout.load_state_dict(state)
         self.weight_sync.sync(self.learner, version=str(self.step), verify=True)
 
