@@ -99,11 +99,13 @@ def _assert_ended_by_ctrl_c(done: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
-def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
+@pytest.mark.parametrize("stop, max_staleness", [("sigterm", 0), ("ctrl-c", 0), ("sigterm", 1)])
+def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop, max_staleness):
+    """Also with asynchronous rollouts: the next step's rollouts are in flight when the signal comes."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
-           *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
+           *toy_overrides(toy_world, steps=50, **{"rollout.max_staleness": max_staleness}),
+           f"logging.run_dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
     done = _stop_when(cmd, lambda: metrics.is_file() and '"step": 1,' in metrics.read_text(), stop)  # step 1 trained
     out = done.stdout
