@@ -18,6 +18,7 @@ from typing import Optional
 from megatron_s2l.config import DataConfig, RunConfig, to_dict
 from megatron_s2l.data import load_prompts
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
+from megatron_s2l.model.files import check_safetensors, require_model_dir
 from megatron_s2l.reward import Reward, build_reward
 from megatron_s2l.rollout.diversity import group_diversity
 from megatron_s2l.rollout.engines import build_engine, sampling_params
@@ -143,6 +144,11 @@ def add_eval_arguments(subparsers) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    if not args.url:  # a missing or damaged checkpoint: a named error before anything loads
+        check_safetensors(require_model_dir(args.model, "--model"))
+    elif not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model={args.model}: no such directory (the tokenizer is read from it); "
+                                "give the local HF checkpoint directory the server was started with")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)

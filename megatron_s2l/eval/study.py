@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_s2l.config import ConfigError, RunConfig, load_config
+from megatron_s2l.eval.runner import evaluate_prompts, load_eval_prompts, pass_ks
 from megatron_s2l.metrics.runs import read_metrics
+from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.runtime import RolloutRuntime
 
@@ -152,8 +154,6 @@ def run_study(config: str, out: Path, arms: list[str], seeds: list[int], overrid
 
 def measure_premise(cfg: RunConfig, k: int) -> dict:
     """pass@1..k of the explorer and of the learner on the held-out set, before any training."""
-    from megatron_s2l.eval.runner import pass_ks  # lazy: math_verify (sympy; only the premise needs it)
-
     if not cfg.explorer.model_path:
         raise ConfigError("explorer.model_path is empty: the study's premise compares the explorer with the "
                           "learner; set it to the explorer's HF checkpoint")
@@ -168,10 +168,6 @@ def measure_premise(cfg: RunConfig, k: int) -> dict:
 def _evaluate_model(cfg: RunConfig, model_path: str, k: int) -> dict:
     """evaluate_prompts' summary for one model, its own tokenizer rendering the held-out prompts."""
     from transformers import AutoTokenizer
-
-    # lazy: math_verify (sympy; only the premise needs it)
-    from megatron_s2l.eval.runner import evaluate_prompts, load_eval_prompts
-    from megatron_s2l.reward import build_reward  # lazy: math_verify (sympy; only the premise needs it)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = load_eval_prompts(cfg, cfg.eval.path, tokenizer)

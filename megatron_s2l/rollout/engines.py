@@ -46,7 +46,8 @@ def sampling_params(cfg: RunConfig, role: Role) -> SamplingParams:
         r = cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, **common)
     if role == "explorer":
-        return SamplingParams(temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, **common)
+        x = cfg.explorer
+        return SamplingParams(temperature=x.temperature, top_p=x.top_p, top_k=x.top_k, **common)
     e = cfg.eval
     return SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                           presence_penalty=e.presence_penalty, **common)

@@ -36,6 +36,7 @@ import torch
 
 from megatron_s2l.model.checkpoint_io import HFCheckpoint
 from megatron_s2l.model.convert import tensor_digest
+from megatron_s2l.model.files import check_safetensors, require_model_dir
 from megatron_s2l.rollout.types import Generation, SamplingParams
 from megatron_s2l.seeding import derive_seed
 
@@ -320,6 +321,7 @@ def build_local_engine(model_path: str | Path, *, device: Optional[str] = None, 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_safetensors(require_model_dir(model_path, "model"))  # named errors, not transformers' hub ones
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda")
                                                        else torch.float32)

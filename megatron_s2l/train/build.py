@@ -93,7 +93,8 @@ def build_explorer(cfg: RunConfig) -> Union[ExplorerPool, RolloutEngine, None]:
         return None
     learner_tokenizer = tokenizer_hash(cfg.model.path)
     if mode == "pool":
-        return ExplorerPool.open(cfg.explorer.pool_path, learner_tokenizer, seed=cfg.seed)
+        return ExplorerPool.open(cfg.explorer.pool_path, learner_tokenizer, seed=cfg.seed,
+                                 max_response_length=cfg.rollout.max_response_length)
     if cfg.explorer.model_path and tokenizer_hash(cfg.explorer.model_path) != learner_tokenizer:
         raise ValueError(f"explorer {cfg.explorer.model_path} and learner {cfg.model.path} use different "
                          "tokenizers; S2L-PO needs models of one family (the learner scores the explorer's tokens)")
