@@ -66,5 +66,7 @@ step weight_sync "$PYTHON" benchmarks/bench_weight_sync.py --json
 # 8192 tokens per micro-batch = the default 4 x 2048; without flash attention (no TE) more may not fit
 step grpo_update_longtail "$PYTHON" benchmarks/bench_grpo_update.py --json --shape qwen3-1.7b --lengths longtail \
     --micro-batch-tokens 8192 --repeats 1
+# reports "skipped" where the image has no SGLang
+step async_rollouts "$PYTHON" benchmarks/bench_async.py --json
 echo "== summary ($SUMMARY)"
 cat "$SUMMARY"

@@ -2,6 +2,7 @@
 # The CPU demo, stage by stage (what `make demo` runs). About 7 minutes on 2 cores, no GPU, nothing downloaded.
 #
 #   bash examples/run_tiny_cpu.sh [OUT_DIR]        (default runs/demo)
+#   (a rerun replaces the earlier demo runs in OUT_DIR: logging.overwrite=true)
 #
 # 1. toy world: a small explorer and an 8x larger learner (Qwen3 architecture, character tokenizer) taught
 #    1-3 digit addition differently (megatron_s2l/toy.py): the learner is ahead at pass@1, the explorer at
@@ -21,9 +22,10 @@ source examples/lib/toy_world.sh
 
 make_toy_world_and_pool 5
 echo "== 3/5 S2L-PO"
-$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" logging.run_dir=$OUT/s2l
+$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" logging.run_dir=$OUT/s2l logging.overwrite=true
 echo "== 4/5 GRPO baseline (same budget, explorer off)"
-$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" explorer.mode=off logging.run_dir=$OUT/grpo
+$PY -m megatron_s2l.cli train --config $CONFIG "${COMMON[@]}" explorer.mode=off logging.run_dir=$OUT/grpo \
+  logging.overwrite=true
 echo "== 5/5 comparison and plots"
 $PY tools/compare_runs.py "$OUT/s2l" "$OUT/grpo"
 $PY tools/plot_run.py "$OUT/s2l" "$OUT/grpo" --out "$OUT/plots"

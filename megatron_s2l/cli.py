@@ -11,6 +11,7 @@ from pathlib import Path
 from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, load_config, to_yaml
 from megatron_s2l.eval.runner import add_eval_arguments
 from megatron_s2l.eval.study import add_study_arguments
+from megatron_s2l.preflight import preflight_train
 from megatron_s2l.rollout.pool_cli import add_pool_arguments
 
 logger = logging.getLogger("megatron_s2l")
@@ -120,6 +121,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    preflight_train(cfg)  # data, pool, lengths, layout, run folder: before anything is built
     from megatron_s2l import platform  # lazy: torch and megatron-core (a fast --help)
     from megatron_s2l.train.build import build_trainer  # lazy: torch (a fast --help)
 

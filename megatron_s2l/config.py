@@ -122,10 +122,16 @@ class DataConfig:
     """A malformed dataset row stops the run with file:line, or is skipped and counted."""
     shuffle: bool = True
     """Shuffle prompts each epoch (deterministic from `seed`)."""
+    max_bad_gold_fraction: float = 0.01
+    """Rows whose gold answer is empty (`answer: ""`, GSM8K `####` with nothing after it) or not a value can
+    never be solved: up to this fraction of a dataset they are dropped (and counted), above it the run is
+    refused before anything is built, naming the first such rows."""
 
     def validate(self) -> None:
         _check(self.max_prompt_length >= 1, "data.max_prompt_length", self.max_prompt_length,
                "use a positive token count such as 512")
+        _check(0 <= self.max_bad_gold_fraction <= 1, "data.max_bad_gold_fraction", self.max_bad_gold_fraction,
+               "use a fraction in [0, 1] such as 0.01")
 
 
 @dataclasses.dataclass
@@ -160,6 +166,10 @@ class RolloutConfig:
     """Drop groups whose rewards are all equal and over-sample to refill the batch (DAPO)."""
     max_oversample_rounds: int = 3
     """Upper bound on extra collection rounds when dynamic sampling drops groups."""
+    max_staleness: int = 0
+    """k: asynchronous rollouts. With k >= 1 the next k steps' rollouts are generated while the learner trains,
+    so learner samples may come from weights up to k versions old (corrected by algorithm.stale_tis); 0: each
+    step samples from the newest weights, then trains (the paper's loop)."""
     request_timeout_s: float = 3600.0
     """HTTP timeout for one generate request. All of a step's requests are sent at once and wait in the
     servers' queues, so this must cover the whole rollout phase (tens of minutes for 1024 prompts x 16
@@ -171,12 +181,16 @@ class RolloutConfig:
                "use a positive number of prompts")
         _check(self.max_response_length >= 1, "rollout.max_response_length",
                self.max_response_length, "use a positive token count")
-        _check(self.temperature > 0, "rollout.temperature", self.temperature,
-               "use a temperature > 0 (1.0 is the paper's)")
-        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "use 0 < top_p <= 1")
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k, "1.0 is the paper's")
+        if self.group_size == 1:
+            logging.getLogger(__name__).warning(
+                "rollout.group_size=1: a group of one sample has advantage 0 (it is its own mean), so "
+                "nothing is learned; use G >= 2 (paper: 16)")
         if self.engine == "sglang":
             _check(bool(self.learner_url), "rollout.learner_url", self.learner_url,
                    "set the learner replica's server URL, e.g. http://127.0.0.1:30000")
+        _check(self.max_staleness >= 0, "rollout.max_staleness", self.max_staleness,
+               "use 0 (synchronous) or k >= 1 steps of rollouts ahead")
         if self.weight_sync == "memory":
             _check(self.engine == "local", "rollout.weight_sync", self.weight_sync,
                    "memory sync is only for engine=local; use tensor, distributed or disk for sglang")
@@ -198,8 +212,15 @@ class ExplorerConfig:
     """Explorer sampling temperature (paper: 0.7)."""
     top_p: float = 0.95
     """Explorer nucleus sampling (paper: 0.95)."""
+    top_k: int = -1
+    """Explorer top-k sampling (-1: off)."""
+    accept_pool_mismatch: bool = False
+    """mode=pool: a pool whose manifest differs from this run (explorer model, temperature, top_p, top_k,
+    max_new_tokens vs rollout.max_response_length) is refused; true: used anyway, with a warning listing the
+    differences. Responses longer than rollout.max_response_length are refused either way."""
 
     def validate(self) -> None:
+        _check_sampling("explorer", self.temperature, self.top_p, self.top_k, "0.7 is the paper's")
         if self.mode == "pool":
             _check(bool(self.pool_path), "explorer.pool_path", self.pool_path,
                    "build one with `s2l pool build` and set its directory, or use explorer.mode=off")
@@ -244,7 +265,10 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = 3.0
     """Dual-clip constant c for negative advantages (null: off)."""
     tis_clamp: float = 2.0
-    """ratio=tis: clamp of the token-level pi_old / pi_behaviour weight."""
+    """Clamp of the token-level pi_old / pi_behaviour weight (ratio=tis, stale_tis)."""
+    stale_tis: bool = True
+    """Asynchronous rollouts: weight learner tokens sampled by older weights by min(pi_old / pi_behaviour,
+    tis_clamp) (truncated importance sampling); off: train on them as if fresh."""
     luffy_gamma: float = 0.1
     """ratio=luffy: shaping p / (p + gamma) for explorer tokens."""
     kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
@@ -334,6 +358,9 @@ class EvalConfig:
     def validate(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "use >= 0 (0: off)")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", self.samples_per_prompt, "use >= 1")
+        _check(self.temperature >= 0, "eval.temperature", self.temperature, "use >= 0 (0: greedy)")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "use 0 < top_p <= 1 (1: off)")
+        _check(self.top_k == -1 or self.top_k >= 1, "eval.top_k", self.top_k, "use -1 (off) or k >= 1")
         if self.every_steps:
             _check(bool(self.path), "eval.path", self.path, "set held-out prompts or eval.every_steps=0")
         for name, path in self.extra.items():
@@ -407,6 +434,14 @@ class LoggingConfig:
     """[first, last]: record these steps with torch.profiler; traces go to <run_dir>/profile ([] = off)."""
     profile_ranks: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Global ranks that record the profile (each writes its own trace)."""
+    save_rollouts: bool = False
+    """Write each step's samples (prompt id, source, weight version, reward, answer, text) to
+    <run_dir>/rollouts/step_NNNNNN.jsonl."""
+    overwrite: bool = False
+    """A run_dir that holds another run's config.yaml, metrics.jsonl or checkpoints is refused, unless this
+    run resumes it (checkpoint.resume, same config but for the fields a resume may change) or this is true:
+    then that run's records (config.yaml, metrics.jsonl, checkpoints, TensorBoard/wandb/profile files) are
+    deleted before training starts. A run resuming its own folder keeps it either way."""
 
     def validate(self) -> None:
         steps = self.profile_steps
@@ -485,8 +520,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """Read YAML (optional), apply ``a.b=value`` overrides, type-check and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config {path}: no such file; give the run's YAML "
+                                    "(see examples/configs)")
+        raw = _load_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -505,7 +542,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    node[parts[-1]] = _load_yaml(text, f"override {item!r}") if text.strip() else ""
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """YAML -> Python; a syntax error is a ConfigError naming the file (or override), line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}{line}: not valid YAML ({problem}); fix the syntax there (indentation, a "
+                          "':' after each key, quotes around values holding ':' or '#')") from None
 
 
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
@@ -584,6 +633,13 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
             raise ConfigError(f"{field}={value!r} must be a string (quote it in YAML)")
         return value
     raise TypeError(f"config field {field} has an unsupported type {hint}")  # programmer error
+
+
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, paper: str) -> None:
+    """Ranges every sampler accepts: a bad value fails here, not in step 1's generate call."""
+    _check(temperature > 0, f"{section}.temperature", temperature, f"use a temperature > 0 ({paper})")
+    _check(0 < top_p <= 1, f"{section}.top_p", top_p, "use 0 < top_p <= 1 (1: off)")
+    _check(top_k == -1 or top_k >= 1, f"{section}.top_k", top_k, "use -1 (off) or k >= 1")
 
 
 def _check(ok: bool, field: str, value: Any, fix: str) -> None:

@@ -260,6 +260,26 @@ def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
     return bool(max_over_ranks([float(flag)], group)[0])
 
 
+def from_rank0(obj: Any) -> Any:
+    """Collective: rank 0's `obj` (small, picklable) on every rank, so that all ranks take the same decision.
+    Over the gloo group of `driver_wait_group` (works beside NCCL, and its long timeout lets ranks wait while
+    one reads a large file)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_DRIVER_WAIT_GROUP)
+    return box[0]
+
+
+def gather_to_all(obj: Any) -> list[Any]:
+    """Collective: every rank's `obj` (small, picklable), in rank order, on every rank (as `from_rank0`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=_DRIVER_WAIT_GROUP)
+    return gathered
+
+
 def end_as_ctrl_c() -> NoReturn:
     """End the process as Ctrl-C ends a Python program: cleanup, then death by SIGINT, so that a script
     running it stops too (bash carries on after a child that exits normally). Without the traceback: the

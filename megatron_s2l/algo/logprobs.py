@@ -28,9 +28,15 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Tempered fp32 logits for one chunk: [c, H] x [V, H]^T -> [c, V] (matmul in the model dtype)."""
-    logits = torch.matmul(hidden, weight.t()).float()
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tempered fp32 logits for one chunk: [c, H] x [V, H]^T -> [c, V] (matmul in the model dtype). `out`: an
+    fp32 buffer of at least c rows to write them into (fp32 models), reused from chunk to chunk: a fresh
+    [c, V] tensor per chunk costs the allocator new pages each time."""
+    if out is not None and hidden.dtype == torch.float32:
+        logits = torch.matmul(hidden, weight.t(), out=out[:hidden.shape[0]])
+    else:
+        logits = torch.matmul(hidden, weight.t()).float()
     if temperature != 1.0:
         logits.div_(temperature)
     return logits
@@ -50,18 +56,24 @@ def _local_stats_torch(hidden, weight, local_targets, in_shard, temperature, chu
     if weight.shape[0] == 0:
         stats[0] = -torch.inf
         return stats.unbind(0)
+    logits_buffer, exp_buffer = _chunk_buffers(min(chunk_size, num_tokens), weight)
     for start in range(0, num_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, num_tokens))
-        logits = _chunk_logits(hidden[rows], weight, temperature)  # [c, V]
+        logits = _chunk_logits(hidden[rows], weight, temperature, out=logits_buffer)  # [c, V]
         shard_max = logits.max(dim=-1).values  # [c]
         picked = logits.gather(-1, local_targets[rows].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        exp = (logits - shard_max.unsqueeze(-1)).exp_()  # [c, V]
+        exp = torch.sub(logits, shard_max.unsqueeze(-1), out=exp_buffer[:logits.shape[0]]).exp_()  # [c, V]
         stats[0, rows] = shard_max
         stats[1, rows] = exp.sum(-1)
         stats[2, rows] = torch.bmm(exp.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # sum exp(l - m) l
         stats[3, rows] = torch.where(in_shard[rows], picked, 0.0)
-        del exp, logits
     return stats.unbind(0)
+
+
+def _chunk_buffers(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two fp32 [rows, V] buffers that every chunk reuses (logits, and exp / probs)."""
+    return (torch.empty(rows, weight.shape[0], dtype=torch.float32, device=weight.device),
+            torch.empty(rows, weight.shape[0], dtype=torch.float32, device=weight.device))
 
 
 def _rescaled(part_max, sum_exp, sum_exp_l, overall_max):
@@ -141,6 +153,7 @@ class _FusedLogProbs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         num_tokens, use_triton = hidden.shape[0], ctx.use_triton
+        buffers = None if use_triton else _chunk_buffers(min(ctx.chunk_size, num_tokens), weight)
         for start in range(0, num_tokens, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, num_tokens))
             g_logprob = None if grad_logprobs is None else grad_logprobs[rows].float()
@@ -156,16 +169,21 @@ class _FusedLogProbs(torch.autograd.Function):
                     zeros if g_entropy is None else g_entropy.contiguous(), ctx.temperature), ctx.may_fall_back)
                 use_triton = grad_logits is not None  # after a compile failure: torch for the rest
             if grad_logits is None:
-                grad_logits = _chunk_grad_logits(
-                    _chunk_logits(hidden[rows], weight, ctx.temperature), log_z[rows], mean_logit[rows],
-                    g_logprob, g_entropy, local_targets[rows].clamp(min=0), in_shard[rows])  # [c, V]
+                buffers = buffers or _chunk_buffers(min(ctx.chunk_size, num_tokens), weight)
+                logits = _chunk_logits(hidden[rows], weight, ctx.temperature, out=buffers[0])
+                grad_logits = _chunk_grad_logits(logits, log_z[rows], mean_logit[rows], g_logprob, g_entropy,
+                                                 local_targets[rows].clamp(min=0), in_shard[rows],
+                                                 out=buffers[1][:logits.shape[0]])  # [c, V]
                 if ctx.temperature != 1.0:
                     grad_logits.div_(ctx.temperature)  # l = z / temperature
                 grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
-                grad_hidden[rows] = torch.matmul(grad_logits, weight)
-            if need_weight:
-                grad_weight.add_(torch.matmul(grad_logits.t(), hidden[rows]).float())
+                torch.matmul(grad_logits, weight, out=grad_hidden[rows])
+            if need_weight:  # accumulated in place: no [V, H] temporary per chunk
+                if grad_logits.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), hidden[rows])
+                else:
+                    grad_weight.add_(torch.matmul(grad_logits.t(), hidden[rows]).float())
         if need_hidden:  # every TP rank holds part of the vocab: sum the partial input gradients
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.hidden_grad_group)
         if need_weight:
@@ -173,10 +191,10 @@ class _FusedLogProbs(torch.autograd.Function):
         return (grad_hidden, grad_weight, *_NO_GRADS)
 
 
-def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard):
-    """d loss / d l for one chunk, in place over two [c, V] buffers:
+def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard, out=None):
+    """d loss / d l for one chunk, in place over two [c, V] buffers (`logits` and `out`, a fresh one if None):
     g_lp (1[target] - p) - g_ent p (l - E[l])."""
-    probs = (logits - log_z.unsqueeze(-1)).exp_()  # [c, V]
+    probs = torch.sub(logits, log_z.unsqueeze(-1), out=out).exp_()  # [c, V]
     if g_entropy is not None:
         logits.sub_(mean_logit.unsqueeze(-1)).mul_(probs).mul_(g_entropy.unsqueeze(-1))  # p (l - E) g_ent
     grad = probs  # reuse the buffer

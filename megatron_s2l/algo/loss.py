@@ -7,6 +7,8 @@ The loss is the ordinary GRPO loss (the paper changes only how rollouts are made
     learner_old  r = pi_theta / pi_old, pi_old recomputed by the learner for every token (default).
     tis          as learner_old, times a detached token weight min(pi_old / pi_explorer, clamp) on
                  explorer tokens (truncated importance sampling to the behaviour policy).
+  stale learner tokens (asynchronous rollouts, age >= 1) get the same truncated weight against the older
+  weights that sampled them (algorithm.stale_tis).
     luffy        explorer tokens use the shaped, unclipped objective -A * p / (p + gamma), p = pi_theta.
   reductions are per-token weights computed over the *global* batch (``reduction_weights``), so a batch
   split into micro-batches or data-parallel ranks gives exactly the same gradient.
@@ -38,6 +40,7 @@ class LossInputs:
     ref_logprobs: Optional[torch.Tensor] = None  # initial model, for the KL term
     behaviour_logprobs: Optional[torch.Tensor] = None  # the engine that sampled (explorer or replica)
     entropy: Optional[torch.Tensor] = None
+    age: Optional[torch.Tensor] = None  # [B] weight versions between sampler and learner (asynchronous rollouts)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -74,13 +77,18 @@ def learner_old_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig
     return pg, False
 
 
+def tis_weight(inputs: LossInputs, cfg: AlgorithmConfig) -> torch.Tensor:
+    """Detached min(pi_old / pi_behaviour, tis_clamp) per token [B, T]: truncated importance sampling."""
+    if inputs.behaviour_logprobs is None:
+        raise ValueError("truncated importance sampling needs behaviour log-probs from the rollout engines")
+    weight = (inputs.old_logprobs - inputs.behaviour_logprobs).clamp(max=_LOG_RATIO_CLAMP).exp()
+    return weight.clamp(max=cfg.tis_clamp).detach()
+
+
 def tis_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig, adv: torch.Tensor,
               is_explorer: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Explorer tokens' loss times a detached min(pi_old / pi_behaviour, tis_clamp)."""
-    if inputs.behaviour_logprobs is None:
-        raise ValueError("algorithm.ratio=tis needs behaviour log-probs from the rollout engines")
-    weight = (inputs.old_logprobs - inputs.behaviour_logprobs).clamp(max=_LOG_RATIO_CLAMP).exp()
-    return torch.where(is_explorer, pg * weight.clamp(max=cfg.tis_clamp).detach(), pg), False
+    return torch.where(is_explorer, pg * tis_weight(inputs, cfg), pg), False
 
 
 def luffy_ratio(pg: torch.Tensor, inputs: LossInputs, cfg: AlgorithmConfig, adv: torch.Tensor,
@@ -113,6 +121,11 @@ def policy_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Tensor,
         dual_active = torch.zeros_like(mask)
 
     pg, explorer_unclipped = RATIO_MODES[cfg.ratio](pg, inputs, cfg, adv, is_explorer)
+    stale = None
+    if inputs.age is not None:
+        stale = ((inputs.age > 0) & (inputs.source == LEARNER)).unsqueeze(-1).expand_as(mask)  # [B, T]
+        if cfg.stale_tis and bool(stale.any()):
+            pg = torch.where(stale, pg * tis_weight(inputs, cfg), pg)
     if explorer_unclipped:  # its explorer tokens are not clipped: count only the learner's
         clip_active, dual_active = clip_active & ~is_explorer, dual_active & ~is_explorer
 
@@ -137,7 +150,14 @@ def policy_loss(inputs: LossInputs, cfg: AlgorithmConfig) -> tuple[torch.Tensor,
         per_token["loss/behaviour_gap"] = inputs.old_logprobs - inputs.behaviour_logprobs
     if inputs.entropy is not None:
         per_token["loss/entropy"] = inputs.entropy
-    return loss, _metric_sums(per_token, mask, ratio, inputs.source)
+    sums = _metric_sums(per_token, mask, ratio, inputs.source)
+    if stale is not None and inputs.behaviour_logprobs is not None:  # the replica's gap by sample age
+        for name, rows in (("fresh", ~stale & ~is_explorer), ("stale", stale)):
+            selected = mask & rows
+            sums[f"tokens/{name}"] = selected.sum().double()
+            sums[f"loss/behaviour_gap/{name}"] = per_token["loss/behaviour_gap"].detach().double().masked_fill(
+                ~selected, 0).sum()
+    return loss, sums
 
 
 def _metric_sums(per_token: dict[str, torch.Tensor], mask: torch.Tensor, ratio: torch.Tensor,
@@ -157,15 +177,15 @@ def _metric_sums(per_token: dict[str, torch.Tensor], mask: torch.Tensor, ratio: 
 
 
 def finalize_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Turn aggregated token sums into means: `name/source` divided by `tokens/source` (counts,
-    `*_max` and `*_sum` entries pass through)."""
+    """Turn aggregated token sums into means: `name/part` divided by `tokens/part` where that count exists
+    (part: a source, or fresh/stale), else by `tokens` (counts, `*_max` and `*_sum` entries pass through)."""
     out = {}
     for name, value in sums.items():
         if name.startswith("tokens") or name.endswith(("_max", "_sum")):
             out[name] = value
             continue
-        source = name.rsplit("/", 1)[-1] if name.endswith(("/explorer", "/learner")) else ""
-        count = sums.get(f"tokens/{source}" if source else "tokens", 0.0)
+        part = f"tokens/{name.rsplit('/', 1)[-1]}"
+        count = sums.get(part if part in sums else "tokens", 0.0)
         if count > 0:
             out[name] = value / count
     return out

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
+from pathlib import Path
 from typing import Optional
 
 from megatron_s2l.config import DataConfig
-from megatron_s2l.data.loaders import read_rows
+from megatron_s2l.data.loaders import drop_bad_golds, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +55,23 @@ def render(question: str, template: str, tokenizer) -> str:
                                          add_generation_prompt=True)
 
 
+def chat_template_digest(tokenizer_dir: str | Path) -> str:
+    """Hash of a tokenizer folder's chat template (tokenizer_config.json's, or chat_template.jinja/.json),
+    read without loading the tokenizer: with the template and the question it fixes a prompt's text."""
+    folder, parts = Path(tokenizer_dir), []
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        parts.append(json.dumps(json.loads(config.read_text(encoding="utf-8")).get("chat_template")))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (folder / name).is_file():
+            parts.append((folder / name).read_text(encoding="utf-8"))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def load_prompts(data_cfg: DataConfig, tokenizer, path: Optional[str] = None) -> list[Prompt]:
     """Read, render, tokenise, filter and deduplicate (file order); logs what was dropped and why."""
     rows, skipped = read_rows(path or data_cfg.path, data_cfg.on_bad_row)
+    rows = drop_bad_golds(rows, path or data_cfg.path, data_cfg.max_bad_gold_fraction)
     prompts, seen, too_long = [], set(), 0
     for row in rows:
         text = render(row.question, data_cfg.template, tokenizer)

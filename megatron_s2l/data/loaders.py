@@ -5,12 +5,15 @@ Schemas, recognised per row:
   gsm8k        {"question": ..., "answer": "... #### N"}  (gold = the number after ####)
   dapo / verl  {"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}
 A malformed row stops the load with its file and line (`on_bad_row=error`) or is skipped and counted.
+A row whose gold answer is empty (or a list/mapping, not a value) parses, with gold "": `drop_bad_golds`
+drops such rows up to data.max_bad_gold_fraction of a file and refuses the file above it.
 Nothing is downloaded: paths must exist locally.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -87,16 +90,47 @@ def parse_row(row: Any, where: str) -> RawRow:
         if not isinstance(question, str) or gold is None:
             raise BadRowError(f"{where}: a DAPO/verl row needs prompt=[{{role: user, content: ...}}] and "
                               "reward_model.ground_truth")
-        return RawRow(question, str(gold), where)
+        return RawRow(question, _gold_text(gold), where)
     question = row.get("question", row.get("problem"))
     answer = row.get("answer", row.get("solution"))
     if not isinstance(question, str) or not question.strip() or answer is None:
         raise BadRowError(f"{where}: expected 'question' and 'answer' (or DAPO 'prompt' + "
                           f"'reward_model.ground_truth'); found keys {sorted(row)}")
-    answer = str(answer)
+    answer = _gold_text(answer)
     if "####" in answer:  # GSM8K's worked solution
         answer = gsm8k_gold(answer)
-    return RawRow(question, answer.strip(), where)
+    return RawRow(question, answer, where)
+
+
+def _gold_text(value: Any) -> str:
+    """A gold answer as text; "" when it is empty or not a single value (such a row can never be solved)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return ""
+    return str(value).strip()
+
+
+def drop_bad_golds(rows: list[RawRow], path: str | Path, max_fraction: float) -> list[RawRow]:
+    """The rows with a usable gold answer. Rows without one are dropped (and counted) while they are at most
+    `max_fraction` of the file; above that the file is refused, naming the first of them."""
+    bad = [row for row in rows if not row.gold]
+    if not bad:
+        return rows
+    lines = ", ".join(row.where.removeprefix(f"{path}:") for row in bad[:5])
+    lines += ", ..." if len(bad) > 5 else ""
+    if len(bad) > max_fraction * len(rows):
+        raise BadRowError(f"{path}: {len(bad)} of {len(rows)} rows have an empty or unusable gold answer "
+                          f"(line {lines}), more than data.max_bad_gold_fraction={max_fraction:g}; such rows "
+                          "can never be solved: fix their answers, or raise data.max_bad_gold_fraction to "
+                          "drop them")
+    logger.warning("%s: dropping %d of %d rows with an empty or unusable gold answer (line %s)", path,
+                   len(bad), len(rows), lines)
+    return [row for row in rows if row.gold]
+
+
+def question_key(question: str) -> str:
+    """A short content key of a question: the explorer pool records the keys of the rows it was built from,
+    so a run can check that the pool covers its dataset without rendering any prompt."""
+    return hashlib.sha1(question.encode()).hexdigest()[:16]
 
 
 def read_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[RawRow], int]:

@@ -13,18 +13,18 @@ import collections
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from megatron_s2l.config import DataConfig, RunConfig, to_dict
 from megatron_s2l.data import load_prompts
 from megatron_s2l.eval.passk import mean_pass_at_k, pass_at_k
+from megatron_s2l.model.files import check_safetensors, require_model_dir
+from megatron_s2l.reward import Reward, build_reward
 from megatron_s2l.rollout.diversity import group_diversity
 from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.runtime import RolloutRuntime
+from megatron_s2l.rollout.sampling import sample_and_score
 from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, SamplingParams
-
-if TYPE_CHECKING:
-    from megatron_s2l.reward import Reward
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ def load_eval_prompts(cfg: RunConfig, path: str, tokenizer) -> list[PromptRecord
 def evaluate_prompts(engine: RolloutEngine, prompts: list[PromptRecord], tokenizer, reward: Reward, k: int,
                      params: SamplingParams, runtime: RolloutRuntime) -> tuple[list[dict], dict]:
     """k samples per prompt -> per-problem records and a summary (pass@1..k, lengths, finish reasons)."""
-    from megatron_s2l.rollout.sampling import sample_and_score  # lazy: math_verify (a fast `s2l --help`)
-
     samples = runtime.run(sample_and_score(engine, prompts, k, params, tokenizer, reward, "learner"))
     records, finish = [], collections.Counter()
     for prompt, mine in zip(prompts, samples):
@@ -155,9 +153,12 @@ def add_eval_arguments(subparsers) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
+    if not args.url:  # a missing or damaged checkpoint: a named error before anything loads
+        check_safetensors(require_model_dir(args.model, "--model"))
+    elif not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model={args.model}: no such directory (the tokenizer is read from it); "
+                                "give the local HF checkpoint directory the server was started with")
     from transformers import AutoTokenizer
-
-    from megatron_s2l.reward import build_reward  # lazy: math_verify (a fast `s2l --help`)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

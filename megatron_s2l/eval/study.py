@@ -27,6 +27,7 @@ from typing import Optional
 from megatron_s2l.config import ConfigError, RunConfig, load_config
 from megatron_s2l.eval.runner import evaluate_prompts, load_eval_prompts, pass_ks
 from megatron_s2l.metrics.runs import read_metrics
+from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.runtime import RolloutRuntime
 
@@ -167,8 +168,6 @@ def measure_premise(cfg: RunConfig, k: int) -> dict:
 def _evaluate_model(cfg: RunConfig, model_path: str, k: int) -> dict:
     """evaluate_prompts' summary for one model, its own tokenizer rendering the held-out prompts."""
     from transformers import AutoTokenizer
-
-    from megatron_s2l.reward import build_reward  # lazy: math_verify (sympy; only the premise needs it)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = load_eval_prompts(cfg, cfg.eval.path, tokenizer)

@@ -25,15 +25,34 @@ class MetricSink(Protocol):
 
 
 class JsonlSink:
-    """Appends one JSON object per step; resumed runs keep appending to the same file."""
+    """Appends one JSON object per step; resumed runs keep appending to the same file, one row per step."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._file = path.open("a")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n")
         self._file.flush()
+
+    def resumed(self, step: int) -> None:
+        """The run goes on from checkpoint `step`: rows of later steps are from an attempt that stopped before
+        saving them, and those steps run again. Move the rows to metrics.dropped-after-step-<step>.jsonl."""
+        rows = self.path.read_text().splitlines(keepends=True)
+        later = [row for row in rows if _step_of(row) > step]
+        if not later:
+            return
+        dropped = self.path.with_name(f"metrics.dropped-after-step-{step}.jsonl")
+        with dropped.open("a") as file:  # "a": a second resume from the same step keeps the first one's too
+            file.writelines(later)
+        rewritten = self.path.with_name(self.path.name + ".tmp")
+        rewritten.write_text("".join(row for row in rows if _step_of(row) <= step))
+        self._file.close()
+        rewritten.replace(self.path)
+        self._file = self.path.open("a")
+        logger.warning("resumed at step %d: moved %d metrics row(s) of later steps (they run again) to %s",
+                       step, len(later), dropped)
 
     def close(self) -> None:
         self._file.close()
@@ -107,6 +126,12 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.log(step, metrics)
 
+    def resumed(self, step: int) -> None:
+        """The run continues from checkpoint `step`; a sink that can take back rows of later steps does."""
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):  # wandb and TensorBoard keep what they were sent
+                sink.resumed(step)
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
@@ -128,6 +153,14 @@ def build_metrics_logger(cfg: LoggingConfig, total_steps: int, config: dict, is_
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir))
     return MetricsLogger(sinks)
+
+
+def _step_of(row: str) -> float:
+    """A metrics row's step; +inf for a row cut short (a kill during its write), so a resume drops it too."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

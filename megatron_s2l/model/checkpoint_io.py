@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_s2l.model import convert, specs
 from megatron_s2l.model.convert import unwrap
+from megatron_s2l.model.files import check_safetensors
 from megatron_s2l.model.specs import model_args_from_hf
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class HFCheckpoint:
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json; "
                                     f"{_how_to_make_safetensors(self.path)}")
+        check_safetensors(self.path)  # a damaged file: a named error, not safetensors' bare one
         self._handles = {f: safe_open(str(self.path / f), framework="pt") for f in files}
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.hf_config = json.loads((self.path / "config.json").read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, check_parallel_fits_model
+from megatron_s2l.model import files
 
 SUPPORTED_FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -61,11 +61,7 @@ class ModelArgs:
 
 def load_hf_config(path: str | Path) -> dict[str, Any]:
     """config.json of a local HF checkpoint directory as a dict (no hub access)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: model paths must be local HF checkpoint "
-                                "directories (config.json + *.safetensors); nothing is downloaded")
-    return json.loads(config_file.read_text())
+    return files.load_hf_config(path)
 
 
 def model_args_from_hf(hf_config: dict[str, Any]) -> ModelArgs:

@@ -13,16 +13,15 @@ No marker means no answer (reward 0), even if the right number appears in the te
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import time
 from typing import Optional
-
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 _ANSWER_LINE = re.compile(r"Answer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
 def _last_boxed(text: str) -> Optional[tuple[int, str]]:
@@ -61,13 +60,27 @@ def _as_latex(answer: str) -> str:
     return answer if answer.startswith("$") else f"${answer}$"
 
 
+@functools.cache
+def _math_verify():
+    """math_verify and its extraction settings, imported on the first comparison: it loads sympy (over a
+    second), which every `s2l` command would otherwise pay at start, even one that fails on a typo."""
+    import math_verify
+
+    return math_verify, [math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()]
+
+
 def equivalent(prediction: str, gold: str, timeout_s: int = 5) -> bool:
-    """math-verify equivalence of two final answers (signal-based timeouts: call from a main thread)."""
-    gold_parsed = parse(_as_latex(gold), extraction_config=_EXTRACTION, parsing_timeout=timeout_s)
-    pred_parsed = parse(_as_latex(prediction), extraction_config=_EXTRACTION, parsing_timeout=timeout_s)
+    """math-verify equivalence of two final answers. Its timeouts are signal alarms, which work only in a main
+    thread; elsewhere (in-process scoring, reward.num_workers=0, during asynchronous rollouts) there is none."""
+    if threading.current_thread() is not threading.main_thread():
+        timeout_s = None
+    math_verify, extraction = _math_verify()
+    gold_parsed = math_verify.parse(_as_latex(gold), extraction_config=extraction, parsing_timeout=timeout_s)
+    pred_parsed = math_verify.parse(_as_latex(prediction), extraction_config=extraction,
+                                    parsing_timeout=timeout_s)
     if not gold_parsed or not pred_parsed:  # unparseable: fall back to exact text
         return _normalise(prediction) == _normalise(gold)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+    return bool(math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
 
 
 def _normalise(text: str) -> str:
@@ -77,6 +90,7 @@ def _normalise(text: str) -> str:
 def verify_answer(answer: str, gold: str, timeout_s: int) -> tuple[bool, bool]:
     """(correct, timed_out) of an extracted answer against the gold; MathScorer runs it in a worker's main
     thread, where math-verify's alarms work."""
+    _math_verify()  # a worker's first call imports it: not part of the time this answer took
     start = time.monotonic()
     correct = equivalent(answer, gold, timeout_s)
     return correct, (not correct and time.monotonic() - start >= timeout_s)

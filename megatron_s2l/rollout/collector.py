@@ -15,16 +15,27 @@ sources are on the same verifier and scale (the released code scored them differ
 Dynamic sampling (DAPO) is not in the paper; it is off by default. Sampling seeds come from
 (seed, step, round, source), so a resumed run samples what an uninterrupted run would. A step that fails
 consumes no prompts, pool draws or ledger counts: the resumed run repeats it.
+
+Asynchronous rollouts (max_staleness = k >= 1): once step t's groups are handed over, the collections of steps
+t+1..t+k start as tasks on the event loop, one after another (each takes its prompts and pool draws in step
+order), and go on while the learner trains (`in_background`). Their learner samples come from weights up to
+k versions old; a sample older than k (a skipped sync, say) is dropped and regenerated, and the loss corrects
+the stale ones with truncated importance weights (algo/loss.py). Explorer samples never go stale: the explorer
+is frozen. A checkpoint saves the state after the last step handed over; work in flight is regenerated on
+resume, so a resumed run trains on the same prompts in the same order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from megatron_s2l.rollout.ledger import RolloutLedger
@@ -34,7 +45,8 @@ from megatron_s2l.rollout.pool import ExplorerPool
 from megatron_s2l.rollout.runtime import RolloutRuntime
 from megatron_s2l.rollout.sampling import sample_and_score, score_samples
 from megatron_s2l.rollout.schedule import AnnealSchedule
-from megatron_s2l.rollout.types import SOURCES, Group, PromptRecord, RolloutEngine, Sample, SamplingParams
+from megatron_s2l.rollout.types import (SOURCES, Group, PromptRecord, RolloutEngine, Sample, SamplingParams,
+                                        version_age)
 from megatron_s2l.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -53,6 +65,9 @@ class RolloutCollector:
     max_oversample_rounds: int
     seed: int
     pad_id: int  # the token that pads the training batch
+    max_staleness: int  # k: learner samples may come from weights up to k versions old (0: synchronous)
+    last_step: int  # no collection starts ahead beyond it
+    rollouts_dir: Optional[Path]  # where each step's samples are written (logging.save_rollouts)
     # components
     dataset: object  # megatron_s2l.data PromptDataset: next_batch(n), with a cursor that checkpoints
     schedule: AnnealSchedule
@@ -62,12 +77,17 @@ class RolloutCollector:
     tokenizer: object  # decodes response ids (HF tokenizer)
     reward: Reward
     runtime: RolloutRuntime
+    # state
+    _ahead: dict[int, asyncio.Task]  # step -> its collection, started ahead (max_staleness >= 1)
+    _order: asyncio.Lock  # collections take prompts, schedule and pool draws in step order
+    _committed: Optional[dict]  # dataset, schedule and pool after the last step handed over
 
     def __init__(self, dataset, schedule: AnnealSchedule, ledger: RolloutLedger, learner: RolloutEngine,
                  learner_params: SamplingParams, tokenizer, reward: Reward, runtime: RolloutRuntime, *,
                  prompts_per_step: int, explorer: Union[ExplorerPool, RolloutEngine, None] = None,
                  explorer_params: Optional[SamplingParams] = None, dynamic_sampling: bool = False,
-                 max_oversample_rounds: int = 3, seed: int = 0, pad_id: int = 0):
+                 max_oversample_rounds: int = 3, seed: int = 0, pad_id: int = 0, max_staleness: int = 0,
+                 last_step: int = 0, rollouts_dir: Optional[Path] = None):
         if isinstance(explorer, ExplorerPool) and explorer.manifest["n_per_prompt"] < schedule.split(1)[0]:
             raise ValueError(f"the explorer pool {explorer.path} holds {explorer.manifest['n_per_prompt']} "
                              f"samples per prompt but step 1 needs G_w={schedule.split(1)[0]}; build a pool with "
@@ -78,20 +98,39 @@ class RolloutCollector:
         self.tokenizer, self.reward = tokenizer, reward
         self.prompts_per_step, self.dynamic_sampling = prompts_per_step, dynamic_sampling
         self.max_oversample_rounds, self.seed, self.pad_id = max_oversample_rounds, seed, pad_id
+        self.max_staleness, self.last_step, self.rollouts_dir = max_staleness, last_step, rollouts_dir
+        self._ahead, self._order, self._committed = {}, asyncio.Lock(), None
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
-        """Groups for the next prompts at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds)."""
-        before = self.state_dict()  # a fresh copy, as for checkpoints
+        """Groups for the next prompts at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds).
+        Then, with max_staleness = k >= 1, the next k steps' collections start (see the module docstring)."""
+        if self._committed is None:
+            self._committed = self._progress()
+        task = self._ahead.pop(step, None)
+        started_ahead = task is not None
         try:
-            prompts = self.dataset.next_batch(self.prompts_per_step)
-            groups, metrics = self.runtime.run(self._collect(prompts, step))
+            if task is None:
+                task = self.runtime.loop.create_task(self._collect_step(step))
+            groups, metrics, progress = self.runtime.run(task)
+            if not groups:
+                raise RuntimeError(f"step {step}: dynamic sampling kept no group with differing rewards after "
+                                   f"{self.max_oversample_rounds} extra rounds; raise rollout.max_oversample_rounds")
+            if self.max_staleness:  # the synchronous loop samples from the newest weights by construction
+                metrics |= self.runtime.run(self._refresh_stale(groups, step))
         except BaseException:  # failed or interrupted: the resumed run repeats this step
-            self.load_state_dict(before)
+            self._rewind()
             raise
-        if not groups:
-            raise RuntimeError(f"step {step}: dynamic sampling kept no group with differing rewards after "
-                               f"{self.max_oversample_rounds} extra rounds; raise rollout.max_oversample_rounds")
+        self._committed = progress
+        metrics["rollout/started_ahead"] = float(started_ahead)
+        self._write_rollouts(step, groups)
+        for later in range(step + 1, min(step + self.max_staleness, self.last_step) + 1):
+            if later not in self._ahead:
+                self._ahead[later] = self.runtime.loop.create_task(self._collect_step(later))
         return groups, metrics | self.ledger.record(groups) | _weight_versions(groups)
+
+    def in_background(self) -> contextlib.AbstractContextManager:
+        """Around the learner's work: collections started ahead go on meanwhile (nothing to do when none are)."""
+        return self.runtime.in_background() if self._ahead else contextlib.nullcontext()
 
     def split(self, step: int) -> tuple[int, int]:
         """(G_w, G_s) for this step; all learner samples when there is no explorer."""
@@ -100,23 +139,43 @@ class RolloutCollector:
         return self.schedule.split(step)
 
     def state_dict(self) -> dict:
-        state = {"dataset": self.dataset.state_dict(), "schedule": self.schedule.state_dict(),
-                 "ledger": self.ledger.state_dict()}
-        if isinstance(self.explorer, ExplorerPool):
-            state["pool"] = self.explorer.state_dict()
-        return state
+        """What a checkpoint saves: the prompt cursor, schedule and pool draws after the last step handed over
+        (not those of collections started ahead), and the ledger."""
+        return (self._committed or self._progress()) | {"ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._cancel_ahead()
         self.dataset.load_state_dict(state["dataset"])
         self.schedule.load_state_dict(state["schedule"])
         self.ledger.load_state_dict(state["ledger"])
         if "pool" in state and isinstance(self.explorer, ExplorerPool):
             self.explorer.load_state_dict(state["pool"])
+        self._committed = self._progress()
+
+    def _progress(self) -> dict:
+        """A fresh copy of what collections move on: the prompt cursor, the schedule and the pool draws."""
+        state = {"dataset": self.dataset.state_dict(), "schedule": self.schedule.state_dict()}
+        if isinstance(self.explorer, ExplorerPool):
+            state["pool"] = self.explorer.state_dict()
+        return state
+
+    def _rewind(self) -> None:
+        """Back to the last step handed over: collections in flight are cancelled and their prompts unread."""
+        self._cancel_ahead()
+        self.load_state_dict(self._committed | {"ledger": self.ledger.state_dict()})
+
+    def _cancel_ahead(self) -> None:
+        tasks, self._ahead = list(self._ahead.values()), {}
+        for task in tasks:
+            task.cancel()
+        if tasks and not self.runtime.loop.is_closed():
+            self.runtime.run(asyncio.gather(*tasks, return_exceptions=True))
 
     def close(self) -> None:
         """Close the engines (a pool has nothing to close), the reward's worker pool and the event loop."""
         engines = [e for e in (self.learner, self.explorer) if e is not None and not isinstance(e, ExplorerPool)]
         try:
+            self._cancel_ahead()
             for engine in engines:
                 self.runtime.run(engine.close())
         finally:
@@ -124,6 +183,47 @@ class RolloutCollector:
             self.runtime.close()
 
     # ------------------------------------------------------------------------------------------
+
+    async def _collect_step(self, step: int) -> tuple[list[Group], dict[str, float], dict]:
+        """One step's collection, in step order with the others; also returns the progress after it."""
+        async with self._order:
+            prompts = self.dataset.next_batch(self.prompts_per_step)
+            groups, metrics = await self._collect(prompts, step)
+            return groups, metrics, self._progress()
+
+    async def _refresh_stale(self, groups: list[Group], step: int) -> dict[str, float]:
+        """Learner samples older than max_staleness weight versions are never trained on: regenerate the
+        learner samples of their groups now, from the current weights. Returns the age histogram."""
+        current = step - 1  # the learner's weights now: after step - 1 updates
+        stale = [g for g in groups if any(s.source == "learner" and version_age(s.weight_version, current)
+                                          > self.max_staleness for s in g.samples)]
+        dropped = sum(s.source == "learner" for g in stale for s in g.samples)
+        if stale:
+            logger.warning("step %d: %d learner samples are more than %d weight versions old; regenerating them",
+                           step, dropped, self.max_staleness)
+            params = self._params(self.learner_params, step, self.max_oversample_rounds + 1, "learner")
+            g_s = sum(s.source == "learner" for s in stale[0].samples)
+            fresh = await sample_and_score(self.learner, stale, g_s, params, self.tokenizer, self.reward, "learner")
+            for group, new in zip(stale, fresh):
+                group.samples = [s for s in group.samples if s.source != "learner"] + new
+        ages = Counter(version_age(s.weight_version, current) for g in groups for s in g.samples
+                       if s.source == "learner")
+        total = sum(ages.values())
+        metrics = {f"rollout/age{age}_frac": count / total for age, count in sorted(ages.items())}
+        return metrics | {"rollout/stale_dropped": float(dropped)}
+
+    def _write_rollouts(self, step: int, groups: list[Group]) -> None:
+        """logging.save_rollouts: this step's samples as JSON lines (prompt, source, version, reward, text)."""
+        if self.rollouts_dir is None:
+            return
+        self.rollouts_dir.mkdir(parents=True, exist_ok=True)
+        with (self.rollouts_dir / f"step_{step:06d}.jsonl").open("w") as file:
+            for group in groups:
+                for s in group.samples:
+                    file.write(json.dumps({"prompt_id": s.prompt_id, "source": s.source,
+                                           "weight_version": s.weight_version, "reward": s.reward,
+                                           "finish_reason": s.finish_reason, "answer": s.answer,
+                                           "text": s.text}) + "\n")
 
     async def _collect(self, prompts: Sequence[PromptRecord], step: int) -> tuple[list[Group], dict[str, float]]:
         start = time.perf_counter()
@@ -146,7 +246,7 @@ class RolloutCollector:
                  **{f"dynamic/dropped_{r}": float(dropped[r]) for r in DROP_REASONS},
                  **sample_metrics(sampled),  # over everything sampled: they describe the two policies
                  **{f"timing/{k}_s": v for k, v in timing.items()},
-                 "timing/rollout_s": time.perf_counter() - start}
+                 "timing/collect_s": time.perf_counter() - start}  # its own time; timing/rollout_s: the wait
         return kept[:target], stats
 
     async def _rounds(self, batch: list[PromptRecord], step: int, g_w: int, g_s: int,
@@ -216,6 +316,9 @@ class NullRollout:
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
         return [], {}
+
+    def in_background(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
         return {}

@@ -30,7 +30,10 @@ def build_engine(model_path: str, url: str = "", *, name: str, rollout: Optional
     if learner_replica:
         updates = dict(worker_urls=rollout.learner_worker_urls or None, update_mode=rollout.weight_sync,
                        bucket_mb=rollout.weight_sync_bucket_mb,
-                       master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+                       master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       # asynchronous rollouts: requests in flight at a sync are held and go on with the new
+                       # weights (each sample keeps its oldest version), not aborted
+                       pause_mode="retract" if rollout.max_staleness else "abort")
     return SGLangEngine(url, api_key=rollout.api_key, request_timeout_s=rollout.request_timeout_s, name=name,
                         **updates)
 
@@ -43,7 +46,8 @@ def sampling_params(cfg: RunConfig, role: Role) -> SamplingParams:
         r = cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, **common)
     if role == "explorer":
-        return SamplingParams(temperature=cfg.explorer.temperature, top_p=cfg.explorer.top_p, **common)
+        x = cfg.explorer
+        return SamplingParams(temperature=x.temperature, top_p=x.top_p, top_k=x.top_k, **common)
     e = cfg.eval
     return SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                           presence_penalty=e.presence_penalty, **common)

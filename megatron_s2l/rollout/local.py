@@ -7,10 +7,11 @@ single-GPU runs. Legend: P prompts in a chunk, R = P * n rows (sequences), V voc
 Sampling, in this order: logits (fp32) -> presence penalty (on tokens already generated, as SGLang) ->
 divide by temperature -> top-k -> top-p -> draw. temperature = 0 is greedy.
 
-Log-probs returned are those of the chosen token under softmax(logits / temperature) of the model, i.e.
-after temperature but BEFORE the presence penalty and top-k/top-p truncation (for greedy: softmax of the
-raw logits). That is the distribution the learner recomputes at the same temperature, so engine-vs-learner
-mismatch metrics compare like with like; the truncation's effect is not in them.
+Log-probs returned are those of the chosen token under the distribution it was drawn from: softmax of the
+(penalised) logits / temperature, renormalised over the tokens top-k and top-p kept. Without truncation that
+is what the learner recomputes at the same temperature; with it, each token's log-prob is higher by
+-log(kept mass), which importance weights against the behaviour policy need (ratio=tis, stale_tis). Greedy
+(temperature 0): the log-prob under softmax of the raw logits.
 
 Determinism: each row (prompt p, sample j) draws its uniforms from its own generator seeded from
 (call seed, the prompt's token ids, how many identical prompts came before it in the call, j). The call
@@ -35,6 +36,7 @@ import torch
 
 from megatron_s2l.model.checkpoint_io import HFCheckpoint
 from megatron_s2l.model.convert import tensor_digest
+from megatron_s2l.model.files import check_safetensors, require_model_dir
 from megatron_s2l.rollout.types import Generation, SamplingParams
 from megatron_s2l.seeding import derive_seed
 
@@ -254,7 +256,8 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row by inverting the CDF at the row's uniform in [0, 1).
 
-    logits [R, V] fp32, uniforms [R] -> tokens [R] long, logprobs [R] (temperature-scaled, untruncated).
+    logits [R, V] fp32, uniforms [R] -> tokens [R] long, logprobs [R] under the distribution drawn from
+    (temperature-scaled, renormalised over the tokens top-k/top-p kept).
     """
     if params.temperature == 0:
         token = logits.argmax(-1)
@@ -277,7 +280,10 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
     pick = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None].to(cdf.dtype), right=True)
     pick = torch.minimum(pick.squeeze(-1), cdf.argmax(-1))  # argmax: the last token with mass
     token = pick if index is None else index.gather(-1, pick[:, None]).squeeze(-1)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+    logprob = logp.gather(-1, token[:, None]).squeeze(-1)
+    if index is not None:  # truncated: renormalise over the kept tokens
+        logprob = logprob - cdf[:, -1].log()
+    return token, logprob
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,6 +321,7 @@ def build_local_engine(model_path: str | Path, *, device: Optional[str] = None, 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_safetensors(require_model_dir(model_path, "model"))  # named errors, not transformers' hub ones
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda")
                                                        else torch.float32)

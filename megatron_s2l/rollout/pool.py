@@ -37,16 +37,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from megatron_s2l.model.files import weights_digest
 from megatron_s2l.reward import Reward
+from megatron_s2l.rollout.pool_manifest import (CHUNKS, DATA_INDEX, FORMAT_VERSION, MANIFEST, check_tokenizer,
+                                                 longest_response, read_manifest, tokenizer_files_digest,
+                                                 tokenizer_hash)
 from megatron_s2l.rollout.sampling import sample_and_score
 from megatron_s2l.rollout.types import PromptRecord, RolloutEngine, Sample, SamplingParams
 from megatron_s2l.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-CHUNKS = "chunks"
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_index", pa.int32()), ("prompt_ids", pa.list_(pa.int32())),
     ("response_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32())),
@@ -56,51 +57,13 @@ SCHEMA = pa.schema([
 INDEX_COLUMNS = ["prompt_id", "sample_index", "reward", "answer"]  # what ExplorerPool keeps in memory
 ROW_GROUP_CACHE = 8  # decoded row groups ExplorerPool keeps
 # manifest keys that must agree for a rerun to resume an unfinished build
-BUILD_SETTINGS = ("explorer_model", "tokenizer_hash", "sampling", "n_per_prompt", "chunk_size",
-                  "dataset_hash", "scored")
+BUILD_SETTINGS = ("explorer_model", "explorer_digest", "tokenizer_hash", "sampling", "n_per_prompt",
+                  "chunk_size", "dataset_hash", "scored")
+__all__ = ["CHUNKS", "MANIFEST", "ExplorerPool", "build_pool", "dataset_hash", "tokenizer_hash"]
 
 
 # ---------------------------------------------------------------------------------------------
-# identities
-
-
-def tokenizer_hash(tokenizer_dir: str | Path) -> str:
-    """Hash of what gives token ids their meaning: vocabulary, merges and added (special) tokens.
-
-    Read from tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json, into one canonical
-    form, so the same tokenizer saved either way hashes the same; chat templates and EOS settings are
-    left out (they do not change what an id means). SentencePiece models hash the tokenizer.model bytes.
-    """
-    folder = Path(tokenizer_dir)
-    vocab, merges, added, spm = None, [], {}, ""
-    if (folder / "tokenizer.json").is_file():
-        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        vocab, merges = spec["model"].get("vocab"), spec["model"].get("merges", [])
-        added = {int(t["id"]): t["content"] for t in spec.get("added_tokens", [])}
-    elif (folder / "vocab.json").is_file():
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        if (folder / "merges.txt").is_file():
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-            merges = [m for m in lines if m and not m.startswith("#version")]
-    elif (folder / "tokenizer.model").is_file():
-        spm = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
-    else:
-        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.json or tokenizer.model; point at the "
-                                "model directory that holds the tokenizer files")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        added.update({int(i): t["content"] for i, t in decoder.items() if int(i) not in added})
-    if (folder / "added_tokens.json").is_file():
-        extra = json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
-        added.update({int(i): tok for tok, i in extra.items() if int(i) not in added})
-    canonical = {
-        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else vocab,
-        "merges": [" ".join(m) if isinstance(m, list) else m for m in merges],
-        "added": sorted(added.items()), "spm": spm,
-    }
-    text = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+# identities (the tokenizer's and the checks against a run: pool_manifest.py)
 
 
 def dataset_hash(prompts: Sequence[PromptRecord]) -> str:
@@ -122,12 +85,14 @@ def _now() -> str:
 def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_prompt: int,
                params: SamplingParams, out_dir: str | Path, *, explorer_model: str, tokenizer_dir: str | Path,
                dataset_name: str = "", reward: Optional[Reward] = None, chunk_size: int = 64,
-               seed: int = 0, chunks_in_flight: int = 1) -> Path:
+               seed: int = 0, chunks_in_flight: int = 1, data_index: Optional[dict] = None) -> Path:
     """Generate `n_per_prompt` explorer samples per prompt into `out_dir` (resumable); returns out_dir.
 
     `params.seed` (or `seed` when it is None) seeds the engine; with LocalEngine a prompt's samples then
     depend only on that seed and the prompt, so a resumed build equals an uninterrupted one.
     `chunks_in_flight` > 1 keeps a server busy while a chunk's last, longest responses finish.
+    `data_index` (pool_manifest.data_index: the rows the prompts came from) lets a run check that the pool
+    covers its dataset without rendering prompts.
     """
     from transformers import AutoTokenizer
 
@@ -142,18 +107,21 @@ def build_pool(engine: RolloutEngine, prompts: Sequence[PromptRecord], n_per_pro
     out_dir = Path(out_dir)
     manifest = {
         "format_version": FORMAT_VERSION, "status": "building", "created": _now(),
-        "explorer_model": explorer_model, "engine": engine.name,
-        "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+        "explorer_model": explorer_model, "explorer_digest": weights_digest(explorer_model),
+        "engine": engine.name, "tokenizer_hash": tokenizer_hash(tokenizer_dir),
+        "tokenizer_files": tokenizer_files_digest(tokenizer_dir),
         "sampling": dataclasses.asdict(params), "n_per_prompt": n_per_prompt, "chunk_size": chunk_size,
         "dataset_name": dataset_name, "dataset_hash": dataset_hash(prompts), "scored": reward is not None,
         "num_prompts": len(prompts), "num_chunks": -(-len(prompts) // chunk_size),
     }
     manifest = _start_or_resume(out_dir, manifest)
+    if data_index is not None:
+        _write_json(out_dir / DATA_INDEX, data_index)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     version = asyncio.run(_build_chunks(engine, prompts, manifest, params, out_dir, tokenizer, reward,
                                         chunks_in_flight))
     manifest.update(status="complete", completed=_now(), num_samples=len(prompts) * n_per_prompt,
-                    explorer_weight_version=version)
+                    explorer_weight_version=version, max_response_tokens=longest_response(out_dir))
     _write_json(out_dir / MANIFEST, manifest)
     logger.info("explorer pool complete: %s (%d prompts x %d samples)", out_dir, len(prompts), n_per_prompt)
     return out_dir
@@ -164,7 +132,8 @@ def _start_or_resume(out_dir: Path, manifest: dict) -> dict:
     path = out_dir / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = [k for k in BUILD_SETTINGS if old.get(k) != manifest[k]]
+        # a key added since an unfinished build began is not in its manifest: nothing to compare
+        changed = [k for k in BUILD_SETTINGS if old.get(k, manifest[k]) != manifest[k]]
         if changed:
             raise ValueError(f"{out_dir} holds a pool built with different {', '.join(changed)}; "
                              "use a new output directory, or delete this one to rebuild")
@@ -231,6 +200,7 @@ class ExplorerPool:
     path: Path
     manifest: dict
     seed: int
+    max_response_length: Optional[int]  # the run's cap: a longer drawn response is refused
     # index
     _files: list[pq.ParquetFile]
     _group_starts: list[list[int]]  # per file: first row of each row group
@@ -240,8 +210,10 @@ class ExplorerPool:
     # state: prompt_id -> [epoch, pos, last_step, epoch_before_last_step, pos_before_last_step]
     _cursor: dict[str, list[int]]
 
-    def __init__(self, path: Path, manifest: dict, files: list[Path], seed: int):
+    def __init__(self, path: Path, manifest: dict, files: list[Path], seed: int,
+                 max_response_length: Optional[int] = None):
         self.path, self.manifest, self.seed = path, manifest, seed
+        self.max_response_length = max_response_length
         self._files = [pq.ParquetFile(f) for f in files]
         self._group_starts = [np.cumsum([0] + [f.metadata.row_group(i).num_rows
                                                for i in range(f.num_row_groups)]).tolist()
@@ -261,25 +233,14 @@ class ExplorerPool:
         self._cache: collections.OrderedDict[tuple[int, int], pa.Table] = collections.OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path, expected_tokenizer_hash: str, seed: int = 0) -> "ExplorerPool":
-        """Open a complete pool; refuse one whose tokenizer differs from the learner's."""
+    def open(cls, path: str | Path, expected_tokenizer_hash: str, seed: int = 0,
+             max_response_length: Optional[int] = None) -> "ExplorerPool":
+        """Open a complete pool; refuse one whose tokenizer differs from the learner's. With
+        `max_response_length` (the run's cap), a drawn response longer than that is refused."""
         path = Path(path)
-        if not (path / MANIFEST).is_file():
-            raise FileNotFoundError(f"{path} has no {MANIFEST}; build a pool with `s2l pool build`")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: pool format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                             "rebuild it with this version of `s2l pool build`")
-        if manifest.get("status") != "complete":
-            raise ValueError(f"{path}: the pool build did not finish; rerun `s2l pool build` with the same "
-                             "arguments to resume it")
-        if manifest["tokenizer_hash"] != expected_tokenizer_hash:
-            raise ValueError(
-                f"{path}: the pool's tokenizer ({manifest['tokenizer_hash']}, explorer "
-                f"{manifest['explorer_model']}) differs from the learner's ({expected_tokenizer_hash}); its "
-                "token ids would mean different text. Build a pool with an explorer of the learner's family "
-                "(same tokenizer), or point explorer.pool_path at a pool built for this learner")
-        pool = cls(path, manifest, sorted((path / CHUNKS).glob("chunk-*.parquet")), seed)
+        manifest = read_manifest(path)
+        check_tokenizer(path, manifest, expected_tokenizer_hash)
+        pool = cls(path, manifest, sorted((path / CHUNKS).glob("chunk-*.parquet")), seed, max_response_length)
         on_disk = sum(f.metadata.num_rows for f in pool._files)
         if on_disk != manifest["num_samples"]:
             raise ValueError(f"{path}: {on_disk} samples on disk, manifest says {manifest['num_samples']}; "
@@ -327,7 +288,15 @@ class ExplorerPool:
             epoch, pos = epoch + 1, 0
         order = np.random.default_rng(derive_seed(self.seed, prompt_id, epoch)).permutation(len(rows))
         self._cursor[prompt_id] = [epoch, pos + k, step, *before]
-        return self._read([rows[i] for i in order[pos:pos + k]])
+        samples = self._read([rows[i] for i in order[pos:pos + k]])
+        cap = self.max_response_length
+        if cap is not None and any(len(s.response_ids) > cap for s in samples):
+            longest = max(len(s.response_ids) for s in samples)
+            raise ValueError(f"explorer pool {self.path}: a response of {prompt_id!r} has {longest} "
+                             f"tokens, more than rollout.max_response_length={cap}; explorer samples are "
+                             "never cut or kept silently: raise rollout.max_response_length, or rebuild the "
+                             "pool with this cap")
+        return samples
 
     def _rows_of(self, prompt_id: str) -> list[tuple[int, int]]:
         rows = self._rows.get(prompt_id)

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 from megatron_s2l.config import load_config
-from megatron_s2l.data import load_prompts
+from megatron_s2l.data import load_prompts, read_rows
+from megatron_s2l.data.dataset import chat_template_digest
+from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.engines import build_engine, sampling_params
+from megatron_s2l.rollout.pool_manifest import data_index
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +58,21 @@ def add_pool_arguments(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from megatron_s2l.rollout.pool import build_pool  # lazy: pyarrow, torch (a fast --help)
-
     cfg = load_config(args.config, [*args.overrides, "explorer.mode=pool"]
                       + ([f"explorer.pool_path={args.out}"] if args.out else []))
     if not cfg.explorer.model_path:
         raise ValueError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory")
-    prompts = _load_prompts(cfg)
-    engine = build_engine(cfg.explorer.model_path, args.explorer_url or "", name="explorer", rollout=cfg.rollout,
-                          seed=cfg.seed, device=args.device, max_batch_rows=args.batch_rows)
+
+    def engine():
+        return build_engine(cfg.explorer.model_path, args.explorer_url or "", name="explorer",
+                            rollout=cfg.rollout, seed=cfg.seed, device=args.device,
+                            max_batch_rows=args.batch_rows)
+
     # a server stays busy through each chunk's tail; in-process generation runs one call at a time anyway
     in_flight = args.chunks_in_flight if args.chunks_in_flight is not None else 4 if args.explorer_url else 1
-    params = sampling_params(cfg, "explorer")
     try:
-        build_pool(engine, prompts, cfg.explorer.n_per_prompt, params, cfg.explorer.pool_path,
-                   explorer_model=cfg.explorer.model_path, tokenizer_dir=cfg.explorer.model_path,
-                   dataset_name=cfg.data.path, reward=_build_reward(cfg) if args.score else None,
-                   chunk_size=args.chunk_size, seed=cfg.seed, chunks_in_flight=in_flight)
+        build_from_config(cfg, engine, chunk_size=args.chunk_size, chunks_in_flight=in_flight,
+                          score=args.score)
     except KeyboardInterrupt:
         from megatron_s2l import platform  # lazy: torch (a fast --help)
 
@@ -80,6 +81,21 @@ def run_build(args: argparse.Namespace) -> int:
         platform.end_as_ctrl_c()
     print(f"explorer pool ready: {cfg.explorer.pool_path}")
     return 0
+
+
+def build_from_config(cfg, make_engine, chunk_size: int = 64, chunks_in_flight: int = 1,
+                      score: bool = False) -> None:
+    """The pool of a run config (explorer.*, data.*, rollout.max_response_length, seed), sampled by the engine
+    `make_engine()` returns (made once the prompts are read: a bad dataset fails before a model loads)."""
+    from megatron_s2l.rollout.pool import build_pool  # lazy: pyarrow, torch (a fast --help)
+
+    prompts = _load_prompts(cfg)
+    build_pool(make_engine(), prompts, cfg.explorer.n_per_prompt, sampling_params(cfg, "explorer"),
+               cfg.explorer.pool_path, explorer_model=cfg.explorer.model_path,
+               tokenizer_dir=cfg.explorer.model_path, dataset_name=cfg.data.path,
+               reward=_build_reward(cfg) if score else None, chunk_size=chunk_size, seed=cfg.seed,
+               chunks_in_flight=chunks_in_flight,
+               data_index=_data_index(cfg) if cfg.data.path else None)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -138,7 +154,12 @@ def _load_prompts(cfg):
     return list(load_prompts(cfg.data, tokenizer))
 
 
-def _build_reward(cfg):
-    from megatron_s2l.reward import build_reward  # lazy: math_verify (only with --score)
+def _data_index(cfg) -> dict:
+    """The rows the pool's prompts come from and how they were rendered (pool_manifest.data_index)."""
+    rows, _ = read_rows(cfg.data.path, cfg.data.on_bad_row)
+    return data_index(rows, cfg.data.template, cfg.data.max_prompt_length,
+                      chat_template_digest(cfg.model.path or cfg.explorer.model_path))
 
+
+def _build_reward(cfg):
     return build_reward(cfg.reward)

@@ -1,10 +1,17 @@
 """RolloutRuntime: the driver's one event loop. Every engine call (sampling, weight updates, evaluation) runs
-on it, so that the explorer and the learner replica can be busy at the same time, and it is closed once."""
+on it, so that the explorer and the learner replica can be busy at the same time, and it is closed once.
+
+The loop runs in the calling (main) thread, inside `run`, so a stop signal interrupts a wait on servers there.
+Asynchronous rollouts (rollout.max_staleness >= 1) start later steps' collections as tasks and let the loop
+go on in a helper thread while the learner computes (`in_background`); the main thread then leaves the loop
+alone until the block ends."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+import contextlib
+import threading
+from typing import Awaitable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -20,6 +27,17 @@ class RolloutRuntime:
         except BaseException:
             self._cancel_pending()
             raise
+
+    @contextlib.contextmanager
+    def in_background(self) -> Iterator[None]:
+        """Tasks already on the loop (rollouts started ahead) make progress while the block runs."""
+        thread = threading.Thread(target=self.loop.run_forever, name="rollout-loop", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            thread.join()
 
     def _cancel_pending(self) -> None:
         """Cancel the tasks still on the loop and wait for them, retrieving their exceptions: otherwise they

@@ -31,7 +31,8 @@ import torch
 
 from megatron_s2l.config import RolloutConfig
 from megatron_s2l.platform import free_port
-from megatron_s2l.rollout.sglang_client import SGLangError, SGLangHttp, parse_outputs, sampling_params_body
+from megatron_s2l.rollout.sglang_client import (SGLangError, SGLangHttp, parse_outputs, sampling_params_body,
+                                                truncates)
 from megatron_s2l.rollout.types import Generation, SamplingParams
 from megatron_s2l.rollout.weight_broadcast import (
     BroadcastGroup,
@@ -60,6 +61,7 @@ class SGLangEngine:
     request_timeout_s: float  # one /generate request, queueing behind the others included
     update_timeout_s: float  # one weight-update request
     control_timeout_s: float  # everything else
+    kept_mass_top_logprobs: int  # top log-probs per token asked for under top-p/top-k (0: log-probs untruncated)
     master_address: str  # how the servers reach this process (distributed mode)
     group_backend: str
     # components
@@ -73,7 +75,8 @@ class SGLangEngine:
                  request_timeout_s: float = RolloutConfig.request_timeout_s, update_timeout_s: float = 600.0,
                  control_timeout_s: float = 60.0, connect_timeout_s: float = 10.0, max_retries: int = 3,
                  backoff_s: float = 0.5, max_concurrent_requests: int = 1024,
-                 master_address: str = "127.0.0.1", group_backend: Optional[str] = None, name: str = ""):
+                 master_address: str = "127.0.0.1", group_backend: Optional[str] = None, name: str = "",
+                 kept_mass_top_logprobs: int = 20):
         if update_mode not in UPDATE_MODES:
             raise ValueError(f"update_mode={update_mode!r}: use one of {UPDATE_MODES}")
         if pause_mode not in PAUSE_MODES:
@@ -87,6 +90,7 @@ class SGLangEngine:
         self.control_timeout_s = control_timeout_s
         self.master_address = master_address
         self.group_backend = group_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.kept_mass_top_logprobs = kept_mass_top_logprobs
         self._http = SGLangHttp(api_key, max_retries, backoff_s, connect_timeout_s, max_concurrent_requests)
         self._group, self._tp_sizes = None, {}
 
@@ -103,18 +107,22 @@ class SGLangEngine:
     async def _generate_one(self, index: int, prompt: list[int], n: int, params: SamplingParams
                             ) -> list[Generation]:
         if params.seed is None:
-            return await self._request_samples(prompt, sampling_params_body(params, n), n)
+            return await self._request_samples(prompt, sampling_params_body(params, n), n, params)
         # SGLang seeds every copy of an n-sample request alike, which under deterministic inference
         # would give n identical samples: seed each sample on its own.
         seeds = [hash((params.seed, index, j)) & (2**31 - 1) for j in range(n)]
-        groups = await asyncio.gather(*(self._request_samples(prompt, sampling_params_body(params, 1, s), 1)
-                                        for s in seeds))
+        groups = await asyncio.gather(*(self._request_samples(prompt, sampling_params_body(params, 1, seed), 1, params)
+                                        for seed in seeds))
         return [g for group in groups for g in group]
 
-    async def _request_samples(self, prompt: list[int], sampling: dict, n: int) -> list[Generation]:
+    async def _request_samples(self, prompt: list[int], sampling: dict, n: int, params: SamplingParams
+                               ) -> list[Generation]:
         body = {"input_ids": list(prompt), "sampling_params": sampling, "return_logprob": True}
+        truncation = params if self.kept_mass_top_logprobs and truncates(params) else None
+        if truncation is not None:  # the kept mass, to renormalise the behaviour log-probs (sglang_client.py)
+            body["top_logprobs_num"] = self.kept_mass_top_logprobs
         payload = await self._http.call("POST", self.url, "/generate", body, timeout_s=self.request_timeout_s)
-        return parse_outputs(payload, prompt, n)
+        return parse_outputs(payload, prompt, n, truncation)
 
     # -- weights ---------------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ kept tokens (sampler.py: ``logits.div_(temperatures)`` then ``log(softmax)``); w
 the log-softmax of the raw logits. So the learner must recompute ``log_softmax(logits / T)`` in fp32 to
 compare like with like (DESIGN §4); tests/sglang/test_sglang_generate.py checks this against Megatron-Core
 (measured: ~1e-5 in fp32). SGLANG_RETURN_ORIGINAL_LOGPROB=1 on the server would switch to T = 1 log-probs.
+With top-p or top-k on, the distribution sampled from is that one renormalised over the kept tokens, and
+importance weights against the behaviour policy need it: the engine then asks for the top log-probs of each
+position and subtracts log(kept mass) (``renormalise_over_kept``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Optional
 
@@ -55,7 +59,37 @@ def sampling_params_body(params: SamplingParams, n: int, seed: Optional[int] = N
     return body
 
 
-def parse_generation(output: dict[str, Any]) -> Generation:
+def truncates(params: SamplingParams) -> bool:
+    """Whether sampling keeps only some tokens (top-p or top-k), so the behaviour log-probs need the kept mass."""
+    return params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
+
+
+def renormalise_over_kept(logprobs: list[float], top_logprobs: list[list], top_p: float, top_k: int
+                          ) -> list[float]:
+    """Log-probs of the sampled tokens under the truncated distribution: minus log(kept mass) per position.
+
+    The kept tokens are SGLang's (and LocalEngine's): the first top_k by probability, of which those whose
+    preceding mass is < top_p. The mass comes from the position's top log-probs [[logprob, id, text], ...]
+    (sorted by SGLang). When the kept set runs past the listed tokens, the mass is taken as top_p: then the true
+    mass lies in [top_p, top_p + p_last) and p_last <= the smallest listed probability, which bounds the error.
+    """
+    out = []
+    for logprob, top in zip(logprobs, top_logprobs):
+        probs = sorted((math.exp(entry[0]) for entry in top), reverse=True)
+        limit = top_k if top_k > 0 else len(probs) + 1
+        kept, before = 0.0, 0.0
+        for rank, prob in enumerate(probs):
+            if rank >= limit or before >= top_p:
+                break
+            kept, before = kept + prob, before + prob
+        else:  # every listed token kept: the set may go on past them
+            if len(probs) < limit and before < top_p:
+                kept = top_p
+        out.append(logprob - math.log(kept) if kept > 0 else logprob)
+    return out
+
+
+def parse_generation(output: dict[str, Any], truncation: Optional[SamplingParams] = None) -> Generation:
     """One ``/generate`` output (``text``, ``output_ids``, ``meta_info``) -> Generation."""
     meta = output["meta_info"]
     ids = [int(t) for t in output["output_ids"]]
@@ -70,11 +104,18 @@ def parse_generation(output: dict[str, Any]) -> Generation:
     # A request that lived through a weight update spans versions; record the oldest weights it used, so
     # staleness is never under-counted.
     spans = meta.get("weight_versions") or [{"version": meta.get("weight_version", "")}]
-    return Generation(response_ids=ids, logprobs=[float(t[0]) for t in triples], finish_reason=finish["type"],
+    logprobs = [float(t[0]) for t in triples]
+    if truncation is not None:
+        top = meta.get("output_top_logprobs")
+        if top is None or len(top) != len(ids):
+            raise SGLangError("SGLang answered without output_top_logprobs for every token; send top_logprobs_num")
+        logprobs = renormalise_over_kept(logprobs, top, truncation.top_p, truncation.top_k)
+    return Generation(response_ids=ids, logprobs=logprobs, finish_reason=finish["type"],
                       weight_version=str(spans[0]["version"]))
 
 
-def parse_outputs(payload: Any, prompt: list[int], num_samples: int) -> list[Generation]:
+def parse_outputs(payload: Any, prompt: list[int], num_samples: int,
+                  truncation: Optional[SamplingParams] = None) -> list[Generation]:
     """The answer to one prompt's request: a dict for one sample, a list of dicts for n > 1."""
     outputs = payload if isinstance(payload, list) else [payload]
     if len(outputs) != num_samples:
@@ -83,7 +124,7 @@ def parse_outputs(payload: Any, prompt: list[int], num_samples: int) -> list[Gen
         if output["meta_info"].get("prompt_tokens", len(prompt)) != len(prompt):
             raise SGLangError(f"SGLang answered for a {output['meta_info']['prompt_tokens']}-token prompt, "
                               f"but the request had {len(prompt)} tokens")
-    return [parse_generation(output) for output in outputs]
+    return [parse_generation(output, truncation) for output in outputs]
 
 
 def _error_hint(status: int, detail: str) -> str:

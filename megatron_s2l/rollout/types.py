@@ -69,6 +69,12 @@ class Sample:
                    finish_reason=gen.finish_reason, text=text)
 
 
+def version_age(version: str, current: int) -> int:
+    """How many weight versions a sample's `version` is behind `current`. An engine's first weights ("0", or
+    SGLang's "default") are version 0."""
+    return current - (int(version) if version.isdigit() else 0)
+
+
 @dataclasses.dataclass
 class Group:
     """All samples for one prompt in one step: G_w explorer + G_s learner samples."""

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_s2l.rollout.types import SOURCES, Group
+from megatron_s2l.rollout.types import SOURCES, Group, version_age
 
-_BROADCAST_FIELDS = ("tokens", "response_mask", "advantages", "source", "behaviour_logprobs")
+_BROADCAST_FIELDS = ("tokens", "response_mask", "advantages", "source", "behaviour_logprobs", "age")
 
 
 @dataclasses.dataclass
@@ -26,9 +26,15 @@ class TrainBatch:
     advantages: torch.Tensor  # [B] float32
     source: torch.Tensor  # [B] int64: 0 explorer, 1 learner
     behaviour_logprobs: torch.Tensor  # [B, S] float32, from the engine that sampled
+    age: Optional[torch.Tensor] = None  # [B] int64: weight versions from the sampler's to the learner's (0: fresh
+    # or explorer; asynchronous rollouts); None: all 0
     old_logprobs: Optional[torch.Tensor] = None  # [B, S], filled by the learner
     ref_logprobs: Optional[torch.Tensor] = None  # [B, S], filled by the learner when KL is on
     weights: Optional[torch.Tensor] = None  # [B, S] loss reduction weights (global over a mini-batch)
+
+    def __post_init__(self):
+        if self.age is None:
+            self.age = torch.zeros(self.tokens.shape[0], dtype=torch.long, device=self.tokens.device)
 
     @property
     def num_sequences(self) -> int:
@@ -67,9 +73,10 @@ class TrainBatch:
 
     @classmethod
     def from_groups(cls, groups: list[Group], advantages: list[list[float]], pad_id: int,
-                    pad_to_multiple: int = 8) -> "TrainBatch":
+                    pad_to_multiple: int = 8, weights_version: int = 0) -> "TrainBatch":
         """Concatenate prompt + response ids of every sample, right-padded to one length. No groups: a rank
-        other than the driver, which receives the batch (a placeholder)."""
+        other than the driver, which receives the batch (a placeholder). `weights_version`: the learner's now,
+        against which learner samples' ages are counted."""
         samples = [(s, a) for g, adv in zip(groups, advantages) for s, a in zip(g.samples, adv)]
         if not samples:
             return cls.placeholder()
@@ -86,7 +93,9 @@ class TrainBatch:
         return cls(tokens=tokens, response_mask=mask,
                    advantages=torch.tensor([a for _, a in samples], dtype=torch.float32),
                    source=torch.tensor([SOURCES.index(s.source) for s, _ in samples]),
-                   behaviour_logprobs=behaviour)
+                   behaviour_logprobs=behaviour,
+                   age=torch.tensor([version_age(s.weight_version, weights_version) if s.source == "learner" else 0
+                                     for s, _ in samples]))
 
     def broadcast(self, src: int = 0, device: torch.device | None = None) -> "TrainBatch":
         """Send the driver's batch to every rank (collective; other ranks may pass a placeholder)."""

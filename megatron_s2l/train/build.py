@@ -1,5 +1,6 @@
 """Assembly of a training run: every object `s2l train` needs, from the config. Nothing runs here: no
-checkpoint is loaded and no weights move (those are the first lines of `Trainer.run`).
+checkpoint is loaded and no weights move (those are the first lines of `Trainer.run`). The checkpoint to
+resume from is chosen and verified first, so that a damaged one fails before the model is built.
 
 The learner lives on every rank. The rollout side (prompts, engines, explorer, reward, ledger, held-out sets)
 lives on the driver, global rank 0; the other ranks get a `NullRollout` and an empty `Evaluator`.
@@ -37,9 +38,12 @@ from megatron_s2l.train.weight_sync import WeightSync
 def build_trainer(cfg: RunConfig) -> Trainer:
     """Learner on every rank; rollout side and evaluator on the driver."""
     hf_config = specs.load_hf_config(cfg.model.path)
+    run_dir = Path(cfg.logging.run_dir)
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or run_dir / "checkpoints", hf_config,
+                                cfg.model.path)
+    resuming = checkpointer.resume_path() is not None  # verified now: a damaged one fails before the build
     learner = build_learner(cfg, cfg.model.path, cfg.model.megatron_checkpoint)
     report_memory_budget(learner)  # before the first rollout: a layout that cannot fit shows now
-    run_dir = Path(cfg.logging.run_dir)
     rollout, evaluator, engine, runtime = NullRollout(), Evaluator.nothing(), None, None
     if platform.is_rank0():
         runtime = RolloutRuntime()
@@ -51,10 +55,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     weight_sync = WeightSync(engine, cfg.rollout.weight_sync, runtime, dtype=getattr(torch, cfg.model.dtype),
                              staging_dir=run_dir / "weight_sync", hf_dir=cfg.model.path,
                              verify=cfg.rollout.verify_weight_sync)
-    checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or run_dir / "checkpoints", hf_config,
-                                cfg.model.path)
-    metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0(),
-                                   resuming=checkpointer.resume_path() is not None)
+    metrics = build_metrics_logger(cfg.logging, cfg.steps, to_dict(cfg), platform.is_rank0(), resuming)
     return Trainer(cfg, learner, rollout, evaluator, weight_sync, checkpointer, metrics,
                    RunControl(cfg.checkpoint.exit_interval))
 
@@ -80,7 +81,9 @@ def build_rollout(cfg: RunConfig, learner_params: int, runtime: RolloutRuntime) 
         ledger, learner_engine, sampling_params(cfg, "learner"), tokenizer, build_reward(cfg.reward), runtime,
         prompts_per_step=cfg.rollout.prompts_per_step, explorer=explorer,
         explorer_params=sampling_params(cfg, "explorer"), dynamic_sampling=cfg.rollout.dynamic_sampling,
-        max_oversample_rounds=cfg.rollout.max_oversample_rounds, seed=cfg.seed, pad_id=pad_id)
+        max_oversample_rounds=cfg.rollout.max_oversample_rounds, seed=cfg.seed, pad_id=pad_id,
+        max_staleness=cfg.rollout.max_staleness, last_step=cfg.steps,
+        rollouts_dir=Path(cfg.logging.run_dir) / "rollouts" if cfg.logging.save_rollouts else None)
 
 
 def build_explorer(cfg: RunConfig) -> Union[ExplorerPool, RolloutEngine, None]:
@@ -90,7 +93,8 @@ def build_explorer(cfg: RunConfig) -> Union[ExplorerPool, RolloutEngine, None]:
         return None
     learner_tokenizer = tokenizer_hash(cfg.model.path)
     if mode == "pool":
-        return ExplorerPool.open(cfg.explorer.pool_path, learner_tokenizer, seed=cfg.seed)
+        return ExplorerPool.open(cfg.explorer.pool_path, learner_tokenizer, seed=cfg.seed,
+                                 max_response_length=cfg.rollout.max_response_length)
     if cfg.explorer.model_path and tokenizer_hash(cfg.explorer.model_path) != learner_tokenizer:
         raise ValueError(f"explorer {cfg.explorer.model_path} and learner {cfg.model.path} use different "
                          "tokenizers; S2L-PO needs models of one family (the learner scores the explorer's tokens)")

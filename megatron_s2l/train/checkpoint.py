@@ -1,5 +1,6 @@
 """Training checkpoints: model + optimizer through megatron-core dist_checkpointing (reshardable), the
-trainer's own state as JSON, written to a temporary directory and renamed when complete.
+trainer's own state as JSON, and a manifest of every file's size and checksum, written last; all in a
+temporary directory that is renamed when complete.
 
 Layout of `<checkpoint.dir>/step_000012/`:
   model/            dist checkpoint of the learner (the same format `s2l convert` reads and writes)
@@ -7,16 +8,23 @@ Layout of `<checkpoint.dir>/step_000012/`:
   s2l_model.json    the HF config (so `s2l convert megatron-to-hf` exports any training checkpoint)
   hf_assets/        tokenizer and config files
   trainer_state.json  step, schedule, data/pool cursors, ledger, lr schedule, RNG, weight version
-Only fully written checkpoints carry a `step_*` name, so a crash mid-write never hides the last good one.
+  manifest.json     size and CRC-32 of every other file (train/manifest.py)
+Only fully written checkpoints carry a `step_*` name, so a crash mid-write never hides the last good one; a
+failed save is removed. A resume checks the manifest first: `resume=auto` takes the newest checkpoint that
+verifies, naming each one it skips and why; an explicit one that does not verify is a `CheckpointError`.
+Checkpoints from before manifests count as complete (unverified) when their state and metadata files are
+there.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import errno
 import json
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import random
 import re
@@ -24,15 +32,17 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NoReturn, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_s2l import platform
 from megatron_s2l.config import CheckpointConfig
 from megatron_s2l.model import checkpoint_io, convert
+from megatron_s2l.train.manifest import MANIFEST_FILE, verify, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -97,60 +107,103 @@ def set_rng_state(encoded: str) -> None:
     torch.set_rng_state(state["torch"])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from or written: the message names it, the file or directory, what
+    is wrong and the fix. A ValueError, so that `s2l` prints it as one line and exits with 2."""
+
+
+_NOT_CHOSEN = object()
+
+
 class Checkpointer:
-    """Saves and restores the learner and the trainer state; every rank calls save/load."""
+    """Saves and restores the learner and the trainer state; every rank calls save/load/resume_path."""
+
+    # config
+    cfg: CheckpointConfig
+    directory: Path
+    hf_config: dict
+    hf_dir: str | Path
+    # state
+    _resume: object  # the checkpoint to resume from (Optional[Path]) once chosen
 
     def __init__(self, cfg: CheckpointConfig, directory: str | Path, hf_config: dict, hf_dir: str | Path):
         self.cfg = cfg
         self.directory = Path(directory)
         self.hf_config, self.hf_dir = hf_config, hf_dir
+        self._resume = _NOT_CHOSEN
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Fully written checkpoints (renamed to `step_*`; their files unchecked), oldest first."""
         if not self.directory.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found)]
 
     def resume_path(self) -> Optional[Path]:
-        """The checkpoint `checkpoint.resume` asks for: none, the latest (`auto`), or a directory."""
+        """The checkpoint `checkpoint.resume` asks for: none, the newest that verifies (`auto`), or a
+        directory, which must verify. Collective; chosen once (verifying reads every byte)."""
+        if self._resume is _NOT_CHOSEN:
+            self._resume = self._choose_resume()
+        return self._resume
+
+    def _choose_resume(self) -> Optional[Path]:
         if self.cfg.resume == "none":
             return None
         if self.cfg.resume == "auto":
-            found = self.checkpoints()
-            if not found:
-                logger.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", self.directory)
-            return found[-1] if found else None
+            return self._newest_verified()
         path = Path(self.cfg.resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={path}: not a complete checkpoint ({STATE_FILE} missing); "
-                                    f"use `auto` or one of {[str(p) for p in self.checkpoints()]}")
+        if not platform.from_rank0(path.is_dir()):
+            raise FileNotFoundError(f"checkpoint.resume={path}: not a checkpoint directory (it does not "
+                                    f"exist); use `auto` or one of {[str(p) for p in self.checkpoints()]}")
+        problem = self.problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume={path}: damaged checkpoint: {problem}; resume from an "
+                                  "earlier one (checkpoint.resume=auto takes the newest that verifies)")
         return path
 
-    def save(self, step: int, learner, trainer_state: dict) -> Path:
-        """Write checkpoint `step` atomically (collective) and drop old ones beyond `keep_last`."""
-        from megatron.core import dist_checkpointing
+    def _newest_verified(self) -> Optional[Path]:
+        found = platform.from_rank0(self.checkpoints())
+        if not found:
+            logger.info("checkpoint.resume=auto: no checkpoint in %s yet, starting fresh", self.directory)
+            return None
+        skipped = []
+        for path in reversed(found):
+            problem = self.problem(path)
+            if not problem:
+                if skipped:
+                    logger.warning("checkpoint.resume=auto: resuming from %s, the newest checkpoint that "
+                                   "verifies", path)
+                return path
+            logger.warning("checkpoint.resume=auto: skipping %s: %s", path, problem)
+            skipped.append(f"{path.name}: {problem}")
+        raise CheckpointError(f"checkpoint.resume=auto: no checkpoint in {self.directory} verifies "
+                              f"({'; '.join(skipped)}); move them away to start the run over")
 
+    def problem(self, path: Path) -> str:
+        """Collective: '' when `path` can be resumed from, else what is wrong with it. One from before
+        manifests only needs its state and metadata files (a warning says its bytes are unchecked)."""
+        if platform.from_rank0((path / MANIFEST_FILE).is_file()):
+            return verify(path)
+        problem = platform.from_rank0(_missing_parts(path) if platform.is_rank0() else None)
+        if not problem:
+            logger.warning("%s has no %s (saved by an older megatron-s2l): its files are all there, but "
+                           "their bytes are not checked", path, MANIFEST_FILE)
+        return problem
+
+    def save(self, step: int, learner, trainer_state: dict) -> Path:
+        """Write checkpoint `step` atomically (collective) and drop old ones beyond `keep_last`. A failed save
+        is removed; a full disk or an unwritable directory is a CheckpointError that says so."""
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
         _start_write_results_server()
+        error = None
+        try:
+            self._write(tmp, step, learner, trainer_state)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - CheckpointException: a BaseException
+            error = exc
+        if platform.any_rank(error is not None):  # every rank fails together, none waits in a collective
+            self._fail(step, tmp, learner, error)
         if platform.is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
-            (tmp / checkpoint_io.MODEL_SUBDIR).mkdir(parents=True)
-            (tmp / "optimizer").mkdir()
-        _barrier()
-        model_state = convert.unwrap(learner.model).sharded_state_dict(prefix="")
-        checkpoint_io.save_megatron_checkpoint(learner.model, tmp, self.hf_config, hf_assets_from=self.hf_dir,
-                                               extra_meta={"dtype": learner.cfg.model.dtype})
-        has_optimizer_state = learner.num_updates > 0  # before the first update there are no moments
-        if has_optimizer_state:
-            dist_checkpointing.save(learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
-                                    str(tmp / "optimizer"))
-        if platform.is_rank0():
-            state = {**trainer_state, "step": step, "lr_scheduler": learner.scheduler.state_dict(),
-                     "num_updates": learner.num_updates, "rng": rng_state(), "layout": _layout(),
-                     "has_optimizer_state": has_optimizer_state}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.checkpoints()[: -self.cfg.keep_last]:
@@ -158,6 +211,56 @@ class Checkpointer:
             logger.info("saved checkpoint %s", final)
         _barrier()
         return final
+
+    def _write(self, tmp: Path, step: int, learner, trainer_state: dict) -> None:
+        """Every file of checkpoint `step` into `tmp`, the manifest last (collective)."""
+        from megatron.core import dist_checkpointing
+
+        _on_rank0(lambda: _prepare(tmp, self.hf_dir))
+        model_state = convert.unwrap(learner.model).sharded_state_dict(prefix="")
+        checkpoint_io.save_megatron_checkpoint(learner.model, tmp, self.hf_config,
+                                               extra_meta={"dtype": learner.cfg.model.dtype})
+        has_optimizer_state = learner.num_updates > 0  # before the first update there are no moments
+        if has_optimizer_state:
+            optimizer_state = learner.optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT)
+            dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"))
+        state = {**trainer_state, "step": step, "lr_scheduler": learner.scheduler.state_dict(),
+                 "num_updates": learner.num_updates, "rng": rng_state(), "layout": _layout(),
+                 "has_optimizer_state": has_optimizer_state}
+        _on_rank0(lambda: (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=_jsonable)))
+        write_manifest(tmp)  # once every rank's files are on disk: the save's commit mark
+
+    def _fail(self, step: int, tmp: Path, learner, error: Optional[BaseException]) -> NoReturn:
+        """Collective, after a failed save: remove it, then raise a CheckpointError for a full disk or an
+        unwritable directory (rank 0's diagnosis, on every rank), else the error itself."""
+        if platform.is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        message = self._write_problem(step, learner, error) if platform.is_rank0() else ""
+        message = platform.from_rank0(message)
+        if message:
+            raise CheckpointError(message) from error
+        if error is not None:
+            raise error
+        raise RuntimeError(f"saving checkpoint step {step} failed on another rank; the reason is in its "
+                           "output")
+
+    def _write_problem(self, step: int, learner, error: Optional[BaseException]) -> str:
+        """What a failed save ran into, for the user: no space, or no permission ('' for anything else). A
+        full disk rarely says so (torch's writer reports `unexpected pos`), so free space is checked too."""
+        code, filename, said = _what_failed(error)
+        needed, free = _approx_bytes(learner), shutil.disk_usage(_existing_parent(self.directory)).free
+        latest = self.checkpoints()
+        kept = f"the last checkpoint, {latest[-1]}, is untouched" if latest else "no checkpoint came before"
+        if code in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+            return (f"checkpoint step {step} does not fit in {self.directory}: no space left on the device "
+                    f"({_size(free)} free, a checkpoint takes about {_size(needed)}; the writer said: {said}). "
+                    f"The partial save was removed and {kept}. Free space there, lower "
+                    "checkpoint.keep_last, or set checkpoint.dir to a disk with room")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (f"cannot write checkpoint step {step}: {filename or self.directory}: "
+                    f"{os.strerror(code)}. Make {self.directory} writable or set checkpoint.dir to a "
+                    f"writable directory (a checkpoint takes about {_size(needed)}); {kept}")
+        return ""
 
     def _load_optimizer(self, path: Path, learner, num_updates: int) -> None:
         from megatron.core import dist_checkpointing
@@ -190,6 +293,79 @@ class Checkpointer:
         set_rng_state(state["rng"])
         logger.info("resumed from %s (step %d)", path, state["step"])
         return state
+
+
+def _on_rank0(write: Callable[[], object]) -> None:
+    """Collective: `write()` on rank 0 while the others wait; if it raised, every rank raises (instead of the
+    others waiting for rank 0 in the next collective)."""
+    error = None
+    if platform.is_rank0():
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+            error = exc
+    if platform.any_rank(error is not None):
+        raise error or RuntimeError("rank 0 failed to write the checkpoint; the reason is in its output")
+
+
+def _prepare(tmp: Path, hf_dir: str | Path) -> None:
+    """A fresh temporary directory with the checkpoint's folders and the tokenizer files (copied first: only
+    megatron-core's shard writes come after, and they report failures on every rank)."""
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a crash during an earlier save
+    (tmp / checkpoint_io.MODEL_SUBDIR).mkdir(parents=True)
+    (tmp / "optimizer").mkdir()
+    checkpoint_io.copy_hf_assets(hf_dir, tmp / checkpoint_io.HF_ASSETS_SUBDIR)
+
+
+def _missing_parts(path: Path) -> str:
+    """What a checkpoint without a manifest lacks ('' when nothing): a readable state, the metadata files."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is unreadable ({type(err).__name__}: {err})"
+    needed = [checkpoint_io.MODEL_META_FILE, f"{checkpoint_io.MODEL_SUBDIR}/.metadata"]
+    needed += ["optimizer/.metadata"] if state.get("has_optimizer_state") else []
+    return next((f"{name} is missing" for name in needed if not (path / name).is_file()), "")
+
+
+def _what_failed(error: Optional[BaseException]) -> tuple[Optional[int], Optional[str], str]:
+    """The errno behind a failed save (None if none), the file it names, and the innermost message. Looks
+    through causes, and through each failed rank's exception that megatron-core's writer wrapped in a
+    CheckpointException, where a shard writer's OSError is only text ("Worker failure: [Errno 28] ...")."""
+    causes, todo = [], [error]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or any(exc is seen for seen in causes):
+            continue
+        causes.append(exc)
+        todo += [exc.__cause__, exc.__context__]
+        if isinstance(exc, CheckpointException):
+            todo += [failure[0] for failure in exc.failures.values()]
+    said = next(iter(str(causes[-1]).strip().splitlines()), "") if causes else ""
+    for exc in causes:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno, exc.filename, said[:200]
+        if found := re.search(r"\[Errno (\d+)\]", str(exc)):
+            return int(found.group(1)), None, said[:200]
+    return None, None, said[:200]
+
+
+def _approx_bytes(learner) -> int:
+    """A checkpoint's size: the weights in their dtype, plus Adam's fp32 master copy and two moments."""
+    weight_bytes = torch.empty((), dtype=getattr(torch, learner.cfg.model.dtype)).element_size()
+    return learner.args.num_parameters * (weight_bytes + 12)
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:.1f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
 
 
 def _layout() -> dict[str, int]:

@@ -269,7 +269,8 @@ class Learner:
                 inputs = LossInputs(
                     logprobs=logprobs, old_logprobs=batch.old_logprobs, advantages=batch.advantages,
                     mask=batch.response_mask, weights=batch.weights, source=batch.source,
-                    ref_logprobs=batch.ref_logprobs, behaviour_logprobs=batch.behaviour_logprobs, entropy=entropy)
+                    ref_logprobs=batch.ref_logprobs, behaviour_logprobs=batch.behaviour_logprobs, entropy=entropy,
+                    age=batch.age)
                 loss, metrics = policy_loss(inputs, self.cfg.algorithm)
                 metrics["loss/total_sum"] = loss.detach().double()
                 return loss * scale, metrics

@@ -63,13 +63,14 @@ class Trainer:
                 with self.profiler.step(step) as timer:
                     with timer("rollout"):
                         batch, metrics = self.rollout_batch(step)
-                    with timer("logprob"):
-                        plan = self.learner.plan(batch)
-                        self.learner.compute_logprobs(plan)
-                        if self.learner.ref_model is not None:
-                            self.learner.compute_logprobs(plan, reference=True)
-                    with timer("train"):
-                        metrics |= self.learner.train_step(plan)
+                    with self.rollout.in_background():  # max_staleness >= 1: later steps' rollouts go on
+                        with timer("logprob"):
+                            plan = self.learner.plan(batch)
+                            self.learner.compute_logprobs(plan)
+                            if self.learner.ref_model is not None:
+                                self.learner.compute_logprobs(plan, reference=True)
+                        with timer("train"):
+                            metrics |= self.learner.train_step(plan)
                     self.control.finished(step)  # a checkpoint from here on saves this step
                     with self.control.log_on_failure(lambda outcome: self.metrics.log(step, metrics | {outcome: 1.0})):
                         metrics |= self.sync_and_evaluate(step, timer)
@@ -79,15 +80,15 @@ class Trainer:
                     break
 
     def resume(self) -> None:
-        """Continue from a checkpoint (checkpoint.resume). Then the learner replica serves the learner's weights:
-        after a resume, and when the learner started from model.megatron_checkpoint rather than model.path."""
+        """Continue from a checkpoint (checkpoint.resume). Then the learner replica gets the learner's weights,
+        checked, whatever it served before: a resume, model.megatron_checkpoint, a server left by another run."""
         path = self.checkpointer.resume_path()
         if path is not None:
             state = self.checkpointer.load(path, self.learner)
             self.control.resumed(state["step"])
+            self.metrics.resumed(state["step"])  # rows of the steps that run again
             self.rollout.load_state_dict(state)
-        if self.step > 0 or self.cfg.model.megatron_checkpoint:
-            self.weight_sync.sync(self.learner, version=str(self.step))
+        self.weight_sync.sync(self.learner, version=str(self.step), verify=True)
 
     def rollout_batch(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
         """Driver: prompts -> groups (G_w explorer + G_s learner) -> rewards -> advantages -> batch;
@@ -97,7 +98,7 @@ class Trainer:
             groups, metrics = self.rollout.collect(step)
             advantages, adv_metrics = advantages_for_groups(groups, algorithm.group_mode, algorithm.norm_adv_by_std,
                                                             algorithm.adv_eps)
-            batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id)
+            batch = TrainBatch.from_groups(groups, advantages, pad_id=self.rollout.pad_id, weights_version=step - 1)
         return batch.broadcast(src=0, device=self.learner.device), metrics | adv_metrics  # NCCL on GPU: large
 
     def sync_and_evaluate(self, step: int, timer) -> dict[str, float]:

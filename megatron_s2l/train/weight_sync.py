@@ -67,15 +67,17 @@ class WeightSync:
         self.hf_dir = hf_dir  # config and tokenizer files that go with each version
         self.verify = verify  # compare a digest of what was sent with what the engine holds
 
-    def sync(self, learner, version: str) -> dict[str, float]:
-        """Send the current weights as `version`; returns timing and bandwidth metrics (driver)."""
+    def sync(self, learner, version: str, verify: bool = False) -> dict[str, float]:
+        """Send the current weights as `version`; returns timing and bandwidth metrics (driver). `verify`:
+        check the engine's weights afterwards also when rollout.verify_weight_sync is off."""
         start = time.perf_counter()
+        verify = verify or self.verify
         stream = _Counted(convert.iter_hf_tensors(learner.model, learner.args, dtype=self.dtype),
-                          digest=self.verify and self.engine is not None)
+                          digest=verify and self.engine is not None)
         with fail_together(f"weight sync of version {version} to the learner replica"):
             try:
                 if self.engine is not None:
-                    self.runtime.run(self._send(stream, version))
+                    self.runtime.run(self._send(stream, version, verify))
             finally:
                 for _ in stream:  # take part in the gathers (the driver: those a failed send left)
                     pass
@@ -89,14 +91,14 @@ class WeightSync:
         weights back: LocalEngine. SGLang 0.5.23 cannot for Qwen3, so there the version check remains)."""
         held = await self.engine.weights_digest(stream.names)
         if held is None:
-            logger.warning("rollout.verify_weight_sync: %s cannot report its weights; only the version is checked",
-                           self.engine.name)
+            logger.info("%s cannot report its weights, so only their version is checked after the sync",
+                        self.engine.name)
             return
         if held != stream.digest:
             raise RuntimeError(f"weight sync to {self.engine.name}: the engine's weights differ from the learner's "
                                f"after the update (digest {held} != {stream.digest}); the update was incomplete")
 
-    async def _send(self, stream: _Counted, version: str) -> None:
+    async def _send(self, stream: _Counted, version: str, verify: bool) -> None:
         await self.engine.pause()
         try:
             if self.mode == "disk":
@@ -111,7 +113,7 @@ class WeightSync:
                 await self.engine.update_weights(iter(stream), version)
         finally:
             await self.engine.resume()
-        if self.verify:
+        if verify:
             await self._verify(stream)
         served = await self.engine.weight_version()
         if served != version:

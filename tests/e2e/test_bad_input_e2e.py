@@ -80,6 +80,26 @@ def test_bad_config_key(toy_world, tmp_path):
     assert "rollout.gruop_size (did you mean rollout.group_size?)" in out
 
 
+@pytest.mark.slow
+def test_a_pool_sampled_otherwise_is_refused_at_once_or_used_with_the_override(toy_world, tmp_path):
+    """The toy pool was sampled at T=0.7: a run at T=1.0 is refused before anything is built; with
+    explorer.accept_pool_mismatch=true it trains, warning with the difference, and logging.overwrite=true lets
+    it replace the records of an earlier run in its folder."""
+    run = tmp_path / "run"
+    args = ["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, **{"explorer.temperature": 1.0}),
+            f"logging.run_dir={run}", "steps=2", "schedule.t_mix=2", "eval.every_steps=0"]
+    refused = run_s2l(args, check=False, timeout=120)
+    errors = [line for line in refused.stdout.splitlines() if " ERROR " in line]
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout and len(errors) == 1, refused.stdout
+    assert "temperature: pool 0.7, run explorer.temperature=1.0" in errors[0]
+    assert "explorer.accept_pool_mismatch=true" in errors[0] and not run.exists()
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 7, "reward/learner_mean": 0.5}\n')  # another run's
+    done = run_s2l([*args, "explorer.accept_pool_mismatch=true", "logging.overwrite=true"], timeout=600)
+    assert "accepted by explorer.accept_pool_mismatch" in done.stdout
+    assert [row["step"] for row in read_rows(run)] == [1, 2]
+
+
 def _train_until_the_engine_fails(world, tmp_path, phase: str, step: int, nproc: int) -> tuple[str, dict]:
     script = tmp_path / "inject.py"
     script.write_text(INJECT.format(phase=phase, step=step, marker=""))

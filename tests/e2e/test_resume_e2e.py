@@ -1,5 +1,5 @@
-"""Resume: stopping after step k and resuming gives the same steps k+1.. as one uninterrupted run;
-SIGTERM or Ctrl-C finishes the step and saves a checkpoint."""
+"""Resume: stopping after step k and resuming gives the same steps k+1.. as one uninterrupted run, also past a
+damaged checkpoint; SIGTERM or Ctrl-C finishes the step and saves a checkpoint."""
 
 from __future__ import annotations
 
@@ -26,16 +26,34 @@ def _comparable(row: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
-    common = ["train", "--config", str(TINY_CONFIG)]
-    run_s2l([*common, *toy_overrides(toy_world), f"logging.run_dir={tmp_path / 'straight'}"])
-    run_s2l([*common, *toy_overrides(toy_world), "checkpoint.exit_interval=2",
-             f"logging.run_dir={tmp_path / 'resumed'}"])
-    assert [r["step"] for r in read_rows(tmp_path / "resumed")] == [1, 2]
-    run_s2l([*common, *toy_overrides(toy_world), f"logging.run_dir={tmp_path / 'resumed'}", "--resume", "auto"])
-    straight, resumed = read_rows(tmp_path / "straight"), read_rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for expected, actual in zip(straight, resumed):
+def test_resume_skips_a_damaged_checkpoint_and_matches_an_uninterrupted_run_bitwise(toy_world, tmp_path):
+    """Stopped after step 3 with 4 KiB zeroed in that checkpoint's optimizer shard (damage that used to load
+    silently): an explicit resume of it is refused in one line; `auto` takes step 2's and redoes step 3, whose
+    first row is moved aside; steps 3 and 4 repeat the uninterrupted run's bit for bit."""
+    straight = tmp_path / "straight"
+    run_s2l(["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world), f"logging.run_dir={straight}"])
+    run_dir = tmp_path / "resumed"
+    common = ["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, **{"checkpoint.every_steps": 1}),
+              f"logging.run_dir={run_dir}"]
+    run_s2l([*common, "checkpoint.exit_interval=3"])
+    damaged = run_dir / "checkpoints" / "step_000003"
+    shard = damaged / "optimizer" / "__0_0.distcp"
+    with shard.open("r+b") as file:
+        file.seek(shard.stat().st_size // 2)
+        file.write(bytes(4096))
+
+    refused = run_s2l([*common, "--resume", str(damaged)], check=False)
+    last_line = refused.stdout.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout, refused.stdout[-3000:]
+    assert f"checkpoint.resume={damaged}: damaged checkpoint: optimizer/__0_0.distcp has changed" in last_line
+
+    resumed = run_s2l([*common, "--resume", "auto"]).stdout
+    assert f"skipping {damaged}: optimizer/__0_0.distcp has changed since the save" in resumed, resumed[-3000:]
+    assert f"resuming from {damaged.parent / 'step_000002'}, the newest checkpoint that verifies" in resumed
+    assert [json.loads(row)["step"] for row in (run_dir / "metrics.dropped-after-step-2.jsonl").open()] == [3]
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one row per step
+    for expected, actual in zip(read_rows(straight), rows):
         # CPU runs are deterministic: rollouts, rewards, losses and updates repeat bit for bit
         assert _comparable(actual) == _comparable(expected), expected["step"]
 
@@ -81,11 +99,13 @@ def _assert_ended_by_ctrl_c(done: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
-def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop):
+@pytest.mark.parametrize("stop, max_staleness", [("sigterm", 0), ("ctrl-c", 0), ("sigterm", 1)])
+def test_a_stop_signal_saves_the_finished_step(toy_world, tmp_path, stop, max_staleness):
+    """Also with asynchronous rollouts: the next step's rollouts are in flight when the signal comes."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_s2l.cli", "train", "--config", str(TINY_CONFIG),
-           *toy_overrides(toy_world, steps=50), f"logging.run_dir={run_dir}"]
+           *toy_overrides(toy_world, steps=50, **{"rollout.max_staleness": max_staleness}),
+           f"logging.run_dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
     done = _stop_when(cmd, lambda: metrics.is_file() and '"step": 1,' in metrics.read_text(), stop)  # step 1 trained
     out = done.stdout
@@ -170,3 +190,18 @@ def test_resume_at_a_different_tp_and_export_the_learner(toy_world, tmp_path):
     assert set(exported) == set(initial)
     assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # trained
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # a complete HF checkpoint (config, tokenizer)
+
+
+@pytest.mark.slow
+def test_a_run_from_model_megatron_checkpoint_samples_step_1_from_those_weights(toy_world, tmp_path):
+    """model.path gives the architecture and tokenizer; the weights come from model.megatron_checkpoint (here a
+    run's trained checkpoint). The learner replica must get them before step 1: its samples' log-probs then
+    match the learner's to float noise (synced from model.path's weights instead, the gap measured 6e-4)."""
+    trained = tmp_path / "trained"
+    run_s2l(["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, steps=2, **{"explorer.mode": "off",
+             "optimizer.lr": 1e-3, "eval.every_steps": 0}), f"logging.run_dir={trained}"])
+    run_s2l(["train", "--config", str(TINY_CONFIG), *toy_overrides(toy_world, steps=1, **{
+        "explorer.mode": "off", "eval.every_steps": 0,
+        "model.megatron_checkpoint": trained / "checkpoints" / "step_000002"}), f"logging.run_dir={tmp_path / 'run'}"])
+    gap = read_rows(tmp_path / "run")[0]["loss/behaviour_gap/learner"]
+    assert abs(gap) < 1e-4, gap

@@ -90,7 +90,7 @@ def test_resume_survives_a_crash_during_checkpoint_write(mcore_world1, hf_dir, t
 
 def test_resume_from_a_bad_path_names_the_fix(tmp_path):
     checkpointer = Checkpointer(CheckpointConfig(resume=str(tmp_path / "nope")), tmp_path, {}, tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         checkpointer.resume_path()
     assert Checkpointer(CheckpointConfig(resume="auto"), tmp_path, {}, tmp_path).resume_path() is None
 

@@ -11,8 +11,11 @@ import shutil
 import pytest
 import torch
 
+from megatron_s2l.algo.loss import LossInputs, tis_weight
+from megatron_s2l.config import AlgorithmConfig
 from megatron_s2l.model.convert import tensor_digest
 from megatron_s2l.rollout.local import LocalEngine, build_local_engine, sample_tokens
+from megatron_s2l.rollout.sglang_client import renormalise_over_kept
 from megatron_s2l.rollout.types import RolloutEngine, SamplingParams
 from tests.engine_contract import PROTOCOL_MEMBERS, assert_checks_cover_the_protocol, assert_same_parameters
 
@@ -112,7 +115,7 @@ def test_unseeded_calls_differ_but_replay_from_the_engine_seed(engine, tiny_qwen
     assert run(fresh.generate([PROMPTS[0]], 2, params)) == run(again.generate([PROMPTS[0]], 2, params))
 
 
-def test_logprobs_are_temperature_scaled_before_truncation(engine):
+def test_logprobs_are_those_of_the_truncated_distribution_drawn_from(engine):
     params = SamplingParams(max_new_tokens=6, temperature=0.7, top_k=5, seed=3)
     gen = run(engine.generate([PROMPTS[2]], 1, params))[0][0]
     ids = torch.tensor([PROMPTS[2] + gen.response_ids])
@@ -120,9 +123,38 @@ def test_logprobs_are_temperature_scaled_before_truncation(engine):
         logits = engine.model(input_ids=ids).logits[0, len(PROMPTS[2]) - 1:-1].float()  # [T, V]
     for t, token in enumerate(gen.response_ids):
         assert token in logits[t].topk(5).indices.tolist()  # top-k was applied to the draw...
-        full = float((logits[t] / 0.7).log_softmax(-1)[token])
-        assert gen.logprobs[t] == pytest.approx(full, abs=1e-4)  # ...but not to the reported log-prob
-        assert gen.logprobs[t] < math.log(0.999)
+        scaled = (logits[t] / 0.7).log_softmax(-1)
+        kept = scaled.topk(5).values.logsumexp(-1)
+        # ...and the log-prob is renormalised over the 5 kept tokens
+        assert gen.logprobs[t] == pytest.approx(float(scaled[token] - kept), abs=1e-4)
+        assert gen.logprobs[t] > float(scaled[token]) + 1e-3
+
+
+def test_top_p_behaviour_logprobs_and_tis_weights_match_a_hand_computation():
+    """Probabilities (0.40, 0.35, 0.25) at top_p = 0.5: tokens 0 and 1 are kept (mass before them 0 and 0.40 <
+    0.5), token 2 is not (0.75). Kept mass 0.75, so the behaviour log-prob of token 0 is log(0.40 / 0.75) and of
+    token 1 log(0.35 / 0.75). A learner with the same distribution has pi_old = 0.40 or 0.35, and the truncated
+    importance weight pi_old / pi_behaviour is 0.75 for both, by hand. The engine (LocalEngine) and the SGLang
+    path (top log-probs -> renormalise_over_kept) must both give it."""
+    probs = torch.tensor([[0.40, 0.35, 0.25]])
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    drawn = {}
+    for u in torch.linspace(0.0, 0.99, 12):  # the uniform picks the token; every one must come from {0, 1}
+        token, logprob = sample_tokens(probs.log(), params, u.reshape(1))
+        drawn[int(token)] = float(logprob)
+    assert sorted(drawn) == [0, 1]
+    assert drawn[0] == pytest.approx(math.log(0.40 / 0.75), abs=1e-6)
+    assert drawn[1] == pytest.approx(math.log(0.35 / 0.75), abs=1e-6)
+
+    top = [[[math.log(p), i, None] for i, p in enumerate((0.40, 0.35, 0.25))]] * 2
+    via_sglang = renormalise_over_kept([math.log(0.40), math.log(0.35)], top, top_p=0.5, top_k=-1)
+    assert via_sglang == pytest.approx([drawn[0], drawn[1]], abs=1e-6)
+
+    old = torch.tensor([[math.log(0.40), math.log(0.35)]])
+    inputs = LossInputs(logprobs=old, old_logprobs=old, advantages=torch.ones(1), mask=torch.ones(1, 2, dtype=bool),
+                        weights=torch.ones(1, 2), source=torch.ones(1, dtype=torch.long),
+                        behaviour_logprobs=torch.tensor([via_sglang]))
+    assert tis_weight(inputs, AlgorithmConfig(tis_clamp=2.0))[0].tolist() == pytest.approx([0.75, 0.75], abs=1e-6)
 
 
 def test_presence_penalty_stops_repeats(engine):
@@ -148,7 +180,7 @@ def test_sample_tokens_follows_the_truncated_distribution(top_k, top_p, support)
     expected = kept / kept.sum()
     for token in support:
         assert counts[token] / 20000 == pytest.approx(float(expected[token]), abs=0.015)
-    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-6)
+    assert torch.allclose(logprobs, expected.log()[tokens], atol=1e-6)  # the distribution drawn from
 
 
 def test_sample_tokens_greedy_and_temperature():

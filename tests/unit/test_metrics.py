@@ -46,6 +46,29 @@ def test_jsonl_tensorboard_and_console(tmp_path, caplog):
     assert build_metrics_logger(cfg, 2, {}, is_driver=False).sinks == []  # other ranks log nothing
 
 
+def test_a_resume_moves_the_rows_of_steps_that_run_again_aside(tmp_path):
+    """Killed after logging steps 3 and 4 (the last row cut short) with step 2 saved: the resumed run logs 3
+    and 4 again, and metrics.jsonl keeps one row per step."""
+    cfg = LoggingConfig(run_dir=str(tmp_path))
+    first = build_metrics_logger(cfg, total_steps=4, config={}, is_driver=True)
+    for step in range(5):
+        first.log(step, {"try": 1.0})
+    first.close()
+    with (tmp_path / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 5, "tr')  # a kill during the write
+    resumed = build_metrics_logger(cfg, total_steps=4, config={}, is_driver=True, resuming=True)
+    resumed.resumed(2)
+    for step in (3, 4):
+        resumed.log(step, {"try": 2.0})
+    resumed.resumed(4)  # nothing later: nothing moves
+    resumed.close()
+    rows = [json.loads(row) for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["try"]) for r in rows] == [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2)]
+    dropped = (tmp_path / "metrics.dropped-after-step-2.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in dropped[:2]] == [3, 4] and dropped[2] == '{"step": 5, "tr'
+    assert not (tmp_path / "metrics.dropped-after-step-4.jsonl").exists()
+
+
 def test_progress_line_tolerates_missing_metrics():
     line = format_progress(3, 16, {})
     assert line.startswith("step 3/16 | alpha - G_w/G_s 0/0")

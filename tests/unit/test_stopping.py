@@ -118,7 +118,7 @@ class _Recorder:
             _signal()  # preemption while the learner updates
         return {"loss/pg": 0.5}
 
-    def sync(self, learner, version):
+    def sync(self, learner, version, verify=False):
         self.synced.append(version)
         return {}
 
@@ -142,7 +142,7 @@ def test_sigterm_during_the_update_saves_the_trained_step_without_syncing_it():
     trainer = Trainer(cfg, learner=parts, rollout=NullRollout(), evaluator=Evaluator.nothing(), weight_sync=parts,
                       checkpointer=parts, metrics=parts, control=RunControl())
     trainer.run()  # returns: a requested stop is not an error
-    assert parts.synced == ["1"]  # step 2 trained but went to no server: the resumed run syncs on start
+    assert parts.synced == ["0", "1"]  # before step 1, after step 1; step 2 trained but went to no server
     assert parts.saved == [2] and trainer.step == trainer.control.saved_step == 2
     assert [step for step, _ in parts.rows] == [1, 2]
     assert parts.rows[1][1]["step/interrupted"] == 1.0 and parts.rows[1][1]["loss/pg"] == 0.5
