@@ -193,19 +193,20 @@ class _FusedLogProbs(torch.autograd.Function):
 
 def _chunk_grad_logits(logits, log_z, mean_logit, g_logprob, g_entropy, targets, in_shard, out=None):
     """d loss / d l for one chunk, in place over two [c, V] buffers (`logits` and `out`, a fresh one if None):
-    g_lp (1[target] - p) - g_ent p (l - E[l])."""
+    p * -(g_lp + g_ent (l - E[l])), plus g_lp at the target."""
     probs = torch.sub(logits, log_z.unsqueeze(-1), out=out).exp_()  # [c, V]
     if g_entropy is not None:
-        logits.sub_(mean_logit.unsqueeze(-1)).mul_(probs).mul_(g_entropy.unsqueeze(-1))  # p (l - E) g_ent
-    grad = probs  # reuse the buffer
-    if g_logprob is None:
-        grad.zero_()
+        coefficient = logits.sub_(mean_logit.unsqueeze(-1)).mul_(-g_entropy.unsqueeze(-1))  # -g_ent (l - E)
+        if g_logprob is not None:
+            coefficient.sub_(g_logprob.unsqueeze(-1))
+        grad = probs.mul_(coefficient)
+    elif g_logprob is not None:
+        grad = probs.mul_(-g_logprob.unsqueeze(-1))
     else:
-        grad.mul_(-g_logprob.unsqueeze(-1))
+        grad = probs.zero_()
+    if g_logprob is not None:
         rows = in_shard.nonzero().squeeze(-1)
         grad[rows, targets[rows]] += g_logprob[rows]
-    if g_entropy is not None:
-        grad.sub_(logits)
     return grad
 
 
