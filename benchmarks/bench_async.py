@@ -13,7 +13,7 @@ is left out of the means (nothing is ahead of it, and it warms up). Reported, pe
 and step_time_ratio = async step_s / sync step_s. Needs the SGLang venv (tools/sglang_cpu/setup_venv.sh, or a GPU
 install of sglang).
 
-    python benchmarks/bench_async.py --json [--steps 6 --prompts 8 --group-size 8 --max-new-tokens 48]
+    python benchmarks/bench_async.py --json [--steps 6 --prompts 8 --group-size 8 --max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="the toy model holds 64 positions")
     parser.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per step")
     parser.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     args = parser.parse_args()
