@@ -56,25 +56,40 @@ def test_stop_token_ids_end_a_sample_and_are_kept(main_server, models):
 
 def test_trainer_logprobs_match_sglang_at_the_sampling_temperature(main_server, models, mcore_world1):
     """SGLang's log-prob is log_softmax(logits / T) of the sampled token (after temperature, before
-    top-p/top-k); Megatron-Core recomputes it in fp32 to ~1e-4. At T = 1 the numbers differ clearly."""
-    temperature = 0.7
+    top-p/top-k); Megatron-Core recomputes it in fp32 to ~1e-4. At T = 1 the numbers differ clearly. Under
+    top-p the engine renormalises over the kept tokens (from SGLang's top log-probs): against the kept mass
+    computed from Megatron's whole distribution, within the bound of renormalise_over_kept."""
+    temperature, top_p = 0.7, 0.9
     engine = SGLangEngine(main_server.url)
-    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_p=0.9)
-    result = asyncio.run(engine.generate(PROMPTS[:2], 2, params))
-
     model, args = megatron_model(models["A"])
+
+    def served_and_recomputed(params):
+        rows = asyncio.run(engine.generate(PROMPTS[:2], 2, params))
+        for prompt, row in zip(PROMPTS, rows):
+            for gen in row:
+                ids = torch.tensor([prompt + gen.response_ids])  # [1, S]
+                with torch.no_grad():
+                    logits = model(ids, torch.arange(ids.shape[1])[None], None)[0, :, :args.vocab_size]  # [S, V]
+                logits = logits[len(prompt) - 1:-1].float()  # [R, V]: the position before each response token
+                yield torch.tensor(gen.logprobs), logits, torch.tensor(gen.response_ids)[:, None]
+
     worst_at_t, best_at_1 = 0.0, float("inf")
-    for prompt, row in zip(PROMPTS, result):
-        for gen in row:
-            ids = torch.tensor([prompt + gen.response_ids])  # [1, S]
-            with torch.no_grad():
-                logits = model(ids, torch.arange(ids.shape[1])[None], None)[0, :, :args.vocab_size]  # [S, V]
-            logits = logits[len(prompt) - 1:-1].float()  # [R, V]: the position before each response token
-            response = torch.tensor(gen.response_ids)[:, None]
-            at_t = torch.log_softmax(logits / temperature, -1).gather(-1, response)[:, 0]
-            at_1 = torch.log_softmax(logits, -1).gather(-1, response)[:, 0]
-            served = torch.tensor(gen.logprobs)
-            worst_at_t = max(worst_at_t, (at_t - served).abs().max().item())
-            best_at_1 = min(best_at_1, (at_1 - served).abs().max().item())
+    for served, logits, response in served_and_recomputed(SamplingParams(max_new_tokens=10, temperature=temperature)):
+        at_t = torch.log_softmax(logits / temperature, -1).gather(-1, response)[:, 0]
+        at_1 = torch.log_softmax(logits, -1).gather(-1, response)[:, 0]
+        worst_at_t = max(worst_at_t, (at_t - served).abs().max().item())
+        best_at_1 = min(best_at_1, (at_1 - served).abs().max().item())
     assert worst_at_t < 1e-4, worst_at_t
     assert best_at_1 > 1e-2, best_at_1  # so the returned numbers are not temperature-1 log-probs
+
+    worst_kept, least_shift = 0.0, float("inf")
+    for served, logits, response in served_and_recomputed(
+            SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p)):
+        probs = torch.softmax(logits / temperature, -1).sort(-1, descending=True).values  # [R, V]
+        kept = (probs * ((probs.cumsum(-1) - probs) < top_p)).sum(-1)  # the nucleus' exact mass
+        at_t = torch.log_softmax(logits / temperature, -1).gather(-1, response)[:, 0]
+        bound = torch.log1p(probs[:, 19] / top_p) + 1e-4  # the 20th listed probability bounds the estimate
+        worst_kept = max(worst_kept, ((at_t - kept.log() - served).abs() - bound).max().item())
+        least_shift = min(least_shift, (served - at_t).min().item())
+    assert worst_kept <= 0, worst_kept
+    assert least_shift > 1e-3, least_shift  # renormalised: above the untruncated log-prob
