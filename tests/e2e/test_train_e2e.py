@@ -133,15 +133,19 @@ def test_study_runs_arms_over_seeds_and_resumes(toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_trace_step_lists_the_files_one_step_runs_code_in(toy_world, tmp_path):
-    """tools/trace_step.py: the files a step enters, in order (the architecture's map, README)."""
+    """tools/trace_step.py: the files a mixed step (explorer and learner samples) enters, in order (README)."""
     result = run_process([sys.executable, "tools/trace_step.py", "--step", "2", "--json", "--", "train", "--config",
-                          str(TINY_CONFIG), *toy_overrides(toy_world, steps=2, **{"schedule.t_mix": 2}),
+                          str(TINY_CONFIG), *toy_overrides(toy_world, steps=3, **{"schedule.t_mix": 3, "eval.every_steps": 0}),
                           f"logging.run_dir={tmp_path}"], "trace_step.py", timeout=600)
     traced = json.loads(result.stdout.strip().splitlines()[-1])
     files = traced["files"]
     assert traced["step"] == 2 and len(files) == len(set(files))
-    # the step's spine, in the order the loop runs it: rollout, batch, update, sync
-    spine = ["train/trainer.py", "rollout/collector.py", "rollout/sampling.py", "algo/advantages.py",
-             "train/batch.py", "train/learner.py", "algo/loss.py", "train/weight_sync.py"]
-    assert [f for f in files if f in spine] == spine, files
+    # every file the step enters is on the reading path or a named helper, and the path is Algorithm 1's order:
+    # rollout, reward, advantages, batch, update, sync (the toy run's explorer is the pool, its replica in-process)
+    assert traced["unclassified"] == [], traced["unclassified"]
+    assert traced["reading_path"] == ["train/trainer.py", "rollout/collector.py", "rollout/schedule.py",
+                                      "rollout/pool.py", "rollout/sampling.py", "reward/scorer.py", "rollout/local.py",
+                                      "algo/advantages.py", "train/batch.py", "train/learner.py", "algo/loss.py",
+                                      "train/weight_sync.py"], traced["reading_path"]
+    assert "reading path, 12 files: train/trainer.py -> rollout/collector.py" in result.stdout
     assert "train/build.py" not in files and "cli.py" not in files  # assembly happens once, before step 1

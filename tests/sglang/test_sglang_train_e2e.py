@@ -4,13 +4,14 @@ the distributed (gloo) path and serves the new version; the online explorer is n
 from __future__ import annotations
 
 import json
+import sys
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 
 from megatron_s2l.rollout import sglang_launch
-from tests.utils import TINY_CONFIG, read_rows, run_s2l, toy_overrides
+from tests.utils import TINY_CONFIG, read_rows, run_process, run_s2l, toy_overrides
 
 pytestmark = pytest.mark.sglang
 
@@ -57,3 +58,26 @@ def test_s2l_po_with_sglang_learner_replica_and_online_explorer(toy_world, tmp_p
     # the learner samples of step k come from the weights synced after step k - 1
     assert [r.get("rollout/learner_weight_version") for r in rows[1:]] == [1.0, 2.0]
     assert all(r["sync/gigabytes"] > 0 for r in rows)
+
+
+def test_one_sglang_step_reads_through_twelve_files(toy_world, tmp_path):
+    """tools/trace_step.py on the paper's production shape: explorer samples from the offline pool, learner
+    samples from an SGLang replica synced over the distributed path. Every file the step enters is on the
+    reading path or a named helper, and the path holds 12 files in Algorithm 1's order."""
+    with sglang_launch.launch_server(toy_world["learner"], dtype="float32", log_dir=tmp_path, startup_timeout_s=300,
+                                     max_lifetime_s=1800) as replica:
+        overrides = toy_overrides(toy_world, **{
+            "rollout.engine": "sglang", "rollout.learner_url": replica.url, "rollout.weight_sync": "distributed",
+            "steps": 3, "schedule.t_mix": 3, "eval.every_steps": 0})
+        result = run_process([sys.executable, "tools/trace_step.py", "--step", "2", "--json", "--", "train",
+                              "--config", str(TINY_CONFIG), *overrides, f"logging.run_dir={tmp_path / 'run'}"],
+                             "trace_step.py", timeout=900)
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    assert traced["unclassified"] == [], traced["unclassified"]
+    assert traced["reading_path"] == ["train/trainer.py", "rollout/collector.py", "rollout/schedule.py",
+                                      "rollout/pool.py", "rollout/sampling.py", "reward/scorer.py", "rollout/sglang.py",
+                                      "algo/advantages.py", "train/batch.py", "train/learner.py", "algo/loss.py",
+                                      "train/weight_sync.py"], traced["reading_path"]
+    # the SGLang transport is entered (the helpers behind the engine), and no in-process engine is
+    assert {"rollout/sglang_client.py", "rollout/weight_broadcast.py"} <= set(traced["helpers"])
+    assert "rollout/local.py" not in traced["files"]
