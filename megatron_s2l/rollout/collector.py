@@ -80,7 +80,7 @@ class RolloutCollector:
     # state
     _ahead: dict[int, asyncio.Task]  # step -> its collection, started ahead (max_staleness >= 1)
     _order: asyncio.Lock  # collections take prompts, schedule and pool draws in step order
-    _committed: Optional[dict]  # dataset, schedule and pool after the last step handed over
+    _committed: dict  # dataset, schedule and pool after the last step handed over
 
     def __init__(self, dataset, schedule: AnnealSchedule, ledger: RolloutLedger, learner: RolloutEngine,
                  learner_params: SamplingParams, tokenizer, reward: Reward, runtime: RolloutRuntime, *,
@@ -99,13 +99,11 @@ class RolloutCollector:
         self.prompts_per_step, self.dynamic_sampling = prompts_per_step, dynamic_sampling
         self.max_oversample_rounds, self.seed, self.pad_id = max_oversample_rounds, seed, pad_id
         self.max_staleness, self.last_step, self.rollouts_dir = max_staleness, last_step, rollouts_dir
-        self._ahead, self._order, self._committed = {}, asyncio.Lock(), None
+        self._ahead, self._order, self._committed = {}, asyncio.Lock(), self._progress()
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """Groups for the next prompts at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds).
         Then, with max_staleness = k >= 1, the next k steps' collections start (see the module docstring)."""
-        if self._committed is None:
-            self._committed = self._progress()
         task = self._ahead.pop(step, None)
         started_ahead = task is not None
         try:
@@ -141,7 +139,7 @@ class RolloutCollector:
     def state_dict(self) -> dict:
         """What a checkpoint saves: the prompt cursor, schedule and pool draws after the last step handed over
         (not those of collections started ahead), and the ledger."""
-        return (self._committed or self._progress()) | {"ledger": self.ledger.state_dict()}
+        return self._committed | {"ledger": self.ledger.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._cancel_ahead()
@@ -161,8 +159,7 @@ class RolloutCollector:
 
     def _rewind(self) -> None:
         """Back to the last step handed over: collections in flight are cancelled and their prompts unread."""
-        self._cancel_ahead()
-        self.load_state_dict(self._committed | {"ledger": self.ledger.state_dict()})
+        self.load_state_dict(self.state_dict())
 
     def _cancel_ahead(self) -> None:
         tasks, self._ahead = list(self._ahead.values()), {}
