@@ -16,6 +16,7 @@ import base64
 import datetime
 import io
 import logging
+import os
 import threading
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -66,11 +67,36 @@ def serialize_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     previous = torch.multiprocessing.get_sharing_strategy()
     torch.multiprocessing.set_sharing_strategy("file_system")
     try:
+        if any(tensor.device.type == "cpu" for _, tensor in named):
+            _start_shm_manager_detached()
         buffer = io.BytesIO()
         ForkingPickler(buffer).dump(named)
     finally:
         torch.multiprocessing.set_sharing_strategy(previous)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_shm_manager_started = False
+
+
+def _start_shm_manager_detached() -> None:
+    """Start torch's shared-memory manager (the first "file_system" share does) with its stderr on /dev/null.
+
+    The manager outlives the trainer while a server still maps the weights, and it inherits the trainer's
+    stderr: `s2l train 2>&1 | tee log` or `subprocess.run(..., capture_output=True)` would then wait for an
+    end of file that never comes. fd 2 points at /dev/null only for this one tiny share."""
+    global _shm_manager_started
+    if _shm_manager_started:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        torch.zeros(1).share_memory_()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    _shm_manager_started = True
 
 
 class BroadcastGroup:

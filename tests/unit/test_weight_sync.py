@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from megatron_s2l.rollout.types import SamplingParams
 from megatron_s2l.train.learner import build_learner
 from megatron_s2l.train.weight_sync import WeightSync
 from tests.learner_fixtures import fixed_batch, learner_config
-from tests.utils import make_tiny_model
+from tests.utils import make_tiny_model, run_process
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +59,39 @@ def test_a_digest_mismatch_is_an_error(trained, tmp_path):
     sync = WeightSync(engine, "memory", RolloutRuntime(), torch.float32, tmp_path, hf_dir, verify=True)
     with pytest.raises(RuntimeError, match="differ from the learner's"):
         sync.sync(learner, version="8")
+
+
+_TRAINER = """
+import pathlib, subprocess, sys, time, torch
+from megatron_s2l.rollout.weight_broadcast import serialize_tensors
+folder = pathlib.Path(sys.argv[1])
+named = [("w", torch.arange(4.0))]
+(folder / "payload").write_text(serialize_tensors(named))
+server = subprocess.Popen([sys.executable, "-c", sys.argv[2], str(folder)], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+(folder / "server.pid").write_text(str(server.pid))
+deadline = time.monotonic() + 60
+while not (folder / "mapped").exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print("trainer done")
+"""
+_SERVER = """
+import base64, pathlib, pickle, sys, time, torch.multiprocessing
+folder = pathlib.Path(sys.argv[1])
+named = pickle.loads(base64.b64decode((folder / "payload").read_text()))
+(folder / "mapped").write_text(str(named[0][1].tolist()))
+time.sleep(60)
+"""
+
+
+def test_a_trainer_that_shared_cpu_weights_leaves_its_output_pipes_closed(tmp_path):
+    """weight_sync=tensor on CPU: torch's shared-memory manager lives on while the server maps the weights. It
+    must not hold the trainer's stderr, or `s2l train 2>&1 | tee` and captured runs wait forever after the end."""
+    try:
+        result = run_process([sys.executable, "-c", _TRAINER, str(tmp_path), _SERVER], "trainer", timeout=45)
+        assert "trainer done" in result.stdout
+        assert (tmp_path / "mapped").read_text() == "[0.0, 1.0, 2.0, 3.0]"  # the server really holds the weights
+    finally:
+        if (tmp_path / "server.pid").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int((tmp_path / "server.pid").read_text()), signal.SIGKILL)
