@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform as host
 import tempfile
 from pathlib import Path
 
-import torch
-from common import REPO  # noqa: F401  benchmarks/ is the script's directory; common puts the repo on sys.path
+from common import sglang_report  # benchmarks/ is the script's directory; common puts the repo on sys.path
 
 
 def run_variant(world: dict, url: str, args, staleness: int, run_dir: Path) -> dict:
@@ -64,14 +62,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     args = parser.parse_args()
 
-    from megatron_s2l.rollout.sglang_launch import launch_server, sglang_python
+    from megatron_s2l.rollout.sglang_launch import launch_server
     from tests.utils import make_toy_world_in_one_thread
 
-    report = {"benchmark": "async_rollouts", "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "machine": host.machine(), "steps": args.steps, "prompts_per_step": args.prompts,
-              "group_size": args.group_size, "max_new_tokens": args.max_new_tokens}
-    if sglang_python() is None:
-        print(json.dumps(report | {"skipped": "no SGLang venv (run tools/sglang_cpu/setup_venv.sh)"}))
+    report = sglang_report("async_rollouts", steps=args.steps, prompts_per_step=args.prompts,
+                           group_size=args.group_size, max_new_tokens=args.max_new_tokens)
+    if report is None:
         return
     # one core for the server's rollouts, one for the learner (run_s2l gives the trainer one thread): on CPU, the
     # analogue of rollout GPUs beside the learner's; a server on every core would slow the update it overlaps

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform as host
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from common import REPO  # noqa: F401  benchmarks/ is the script's directory; common puts the repo on sys.path
+from common import sglang_report  # benchmarks/ is the script's directory; common puts the repo on sys.path
 
 
 def make_model_and_prompts(out: Path, max_new_tokens: int, num_prompts: int) -> tuple[Path, list]:
@@ -70,13 +69,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="(the output is always one JSON line)")
     args = parser.parse_args()
 
-    from megatron_s2l.rollout.sglang_launch import launch_server, sglang_python
+    from megatron_s2l.rollout.sglang_launch import launch_server
 
-    report = {"benchmark": "pool_build", "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "machine": host.machine(), "prompts": args.prompts, "samples": args.samples,
-              "chunk_size": args.chunk_size, "max_new_tokens": args.max_new_tokens}
-    if sglang_python() is None:
-        print(json.dumps(report | {"skipped": "no SGLang venv (run tools/sglang_cpu/setup_venv.sh)"}))
+    report = sglang_report("pool_build", prompts=args.prompts, samples=args.samples, chunk_size=args.chunk_size,
+                           max_new_tokens=args.max_new_tokens)
+    if report is None:
         return
     work = Path(tempfile.mkdtemp(prefix="bench_pool_"))
     model_dir, prompts = make_model_and_prompts(work / "model", args.max_new_tokens, args.prompts)

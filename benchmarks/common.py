@@ -3,11 +3,14 @@ one variant never leak into another's numbers."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import platform as host
 import queue as queue_module
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,6 +24,19 @@ def shared_data_dir() -> Path:
     from tests.utils import shared_dir
 
     return shared_dir() / "data"
+
+
+def sglang_report(benchmark: str, **settings) -> Optional[dict]:
+    """The head of an SGLang benchmark's JSON line (name, device, machine, settings); None, after printing the
+    line with the reason it was skipped, when there is no SGLang venv."""
+    from megatron_s2l.rollout.sglang_launch import sglang_python
+
+    report = {"benchmark": benchmark, "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "machine": host.machine(), **settings}
+    if sglang_python() is None:
+        print(json.dumps(report | {"skipped": "no SGLang venv (run tools/sglang_cpu/setup_venv.sh)"}))
+        return None
+    return report
 
 
 def _call(fn, args, queue) -> None:
