@@ -100,6 +100,11 @@ class RolloutCollector:
         self.max_oversample_rounds, self.seed, self.pad_id = max_oversample_rounds, seed, pad_id
         self.max_staleness, self.last_step, self.rollouts_dir = max_staleness, last_step, rollouts_dir
         self._ahead, self._order, self._committed = {}, asyncio.Lock(), self._progress()
+        if explorer is None:
+            logger.info("explorer off: every group is G=%d learner samples (GRPO)", schedule.group_size)
+        else:
+            logger.info("schedule %s, G=%d, T_mix=%d: G_w per step %s", schedule.kind, schedule.group_size,
+                        schedule.t_mix, [g_w for _, _, g_w, _ in schedule.table()])
 
     def collect(self, step: int) -> tuple[list[Group], dict[str, float]]:
         """Groups for the next prompts at 1-indexed `step` (fewer only if dynamic sampling runs out of rounds).

@@ -19,13 +19,11 @@ which keeps "alpha(T_mix) = 0" true for every kind; kinds other than linear are 
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional
 
 from megatron_s2l.config import ScheduleConfig
 
-logger = logging.getLogger(__name__)
 
 KINDS = ("linear", "step", "cosine", "constant", "adaptive")
 
@@ -144,9 +142,5 @@ class AnnealSchedule:
 def build_schedule(schedule_cfg: ScheduleConfig, group_size: int, t_mix: int, total_steps: int
                    ) -> AnnealSchedule:
     """The schedule for a run; `t_mix` is RunConfig.t_mix (the config's value or its default)."""
-    schedule = AnnealSchedule(schedule_cfg.kind, group_size, t_mix, total_steps,
-                              constant_alpha=schedule_cfg.constant_alpha,
-                              adaptive_window=schedule_cfg.adaptive_window)
-    logger.info("schedule %s, G=%d, T_mix=%d: G_w per step %s", schedule.kind, group_size, t_mix,
-                [g_w for _, _, g_w, _ in schedule.table()])
-    return schedule
+    return AnnealSchedule(schedule_cfg.kind, group_size, t_mix, total_steps,
+                          constant_alpha=schedule_cfg.constant_alpha, adaptive_window=schedule_cfg.adaptive_window)
