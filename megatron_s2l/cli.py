@@ -12,7 +12,7 @@ from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, load_c
 from megatron_s2l.eval.runner import add_eval_arguments
 from megatron_s2l.eval.study import add_study_arguments
 from megatron_s2l.preflight import preflight_train
-from megatron_s2l.rollout.pool_cli import add_pool_arguments
+from megatron_s2l.pool_cli import add_pool_arguments
 
 logger = logging.getLogger("megatron_s2l")
 

@@ -10,6 +10,7 @@ Checked, each failure one line naming the file, the field and the fix (exit code
   driver     (global rank 0 only, which owns them) the run folder holds no other run (metrics/runs.py); every
              training and held-out row parses and few enough golds are empty; the explorer pool matches the
              run and covers its prompts (rollout/pool_manifest.py)
+`s2l pool build` runs the model, lengths and data checks that concern it (preflight_pool_build).
 Sampling ranges (temperature, top_p, top_k) are the config's own validation, so --print-config catches them
 too. Nothing here imports torch; only a pool made before data indexes existed needs the tokenizer (a few
 seconds) to tell which prompts it covers.
@@ -64,14 +65,37 @@ def preflight_train(cfg: RunConfig, world_size: int | None = None, rank: int | N
     logger.info("preflight checks passed in %.2f s", time.perf_counter() - start)
 
 
+def preflight_pool_build(cfg: RunConfig, explorer_url: str = "") -> None:
+    """What `s2l pool build` can check before it loads a model: the explorer's folder (its whole checkpoint and
+    context when it samples in-process; its tokenizer when a server samples), the tokenizer that renders the
+    prompts, and every training row."""
+    if not cfg.explorer.model_path:
+        raise ConfigError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory (its "
+                          "tokenizer is the pool's, also when --explorer-url samples)")
+    if explorer_url:
+        check_tokenizer(cfg.explorer.model_path, "explorer.model_path")
+    else:
+        hf_config = check_model(cfg.explorer.model_path, "explorer.model_path")
+        check_lengths(cfg, hf_config, f"explorer.model_path={cfg.explorer.model_path}")
+    if cfg.model.path:
+        check_tokenizer(cfg.model.path, "model.path")
+    check_data(cfg, held_out=False)
+
+
 def check_model(path: str, field: str) -> dict:
     """A local HF checkpoint folder with tokenizer files and whole safetensors files; returns its config."""
+    folder = check_tokenizer(path, field)
+    check_safetensors(folder)
+    return load_hf_config(folder)
+
+
+def check_tokenizer(path: str, field: str) -> Path:
+    """A local HF checkpoint folder (config.json) with tokenizer files."""
     folder = require_model_dir(path, field)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"{field}={path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy "
                                 "the model's tokenizer into that folder")
-    check_safetensors(folder)
-    return load_hf_config(folder)
+    return folder
 
 
 def check_lengths(cfg: RunConfig, hf_config: dict, model: str) -> None:
@@ -122,13 +146,13 @@ def check_resume(cfg: RunConfig) -> None:
                                 "latest")
 
 
-def check_data(cfg: RunConfig) -> list[RawRow]:
-    """Every row of the training set and of the held-out sets in use parses, and few enough golds are empty;
-    returns the training rows with a usable gold."""
+def check_data(cfg: RunConfig, held_out: bool = True) -> list[RawRow]:
+    """Every row of the training set and (`held_out`) of the held-out sets in use parses, and few enough golds
+    are empty; returns the training rows with a usable gold."""
     if not cfg.data.path:
         raise ConfigError("data.path is empty: set it to the training prompts (.jsonl, .parquet or a "
                           "datasets directory)")
-    held_out = [cfg.eval.path, *cfg.eval.extra.values()] if cfg.eval.every_steps else []
+    held_out = [cfg.eval.path, *cfg.eval.extra.values()] if held_out and cfg.eval.every_steps else []
     for path in [cfg.data.path, *held_out]:
         rows, _ = read_rows(path, cfg.data.on_bad_row)
         rows = drop_bad_golds(rows, path, cfg.data.max_bad_gold_fraction)

@@ -26,7 +26,7 @@ PACKAGE = "megatron_s2l"
 # Low to high. A module belongs to the layer of its first component under the package (rollout.x: rollout);
 # "__init__" is the package root itself, empty and below everything.
 LAYERS = [{"__init__", "config", "platform", "seeding"}, {"model", "reward", "data", "toy"},
-          {"algo", "rollout"}, {"eval", "metrics"}, {"train", "preflight"}, {"cli"}]
+          {"algo", "rollout"}, {"eval", "metrics"}, {"train", "preflight"}, {"cli", "pool_cli"}]
 LAZY = re.compile(r"#\s*lazy:(.*)$")
 
 

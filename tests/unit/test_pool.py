@@ -318,13 +318,15 @@ def test_cli_build_from_run_overrides_then_inspect(explorer_dir, tmp_path, monke
     """`s2l pool build` reads the run config; prompts come from the data module (stubbed here)."""
     import argparse
 
-    from megatron_s2l.rollout import pool_cli
+    from megatron_s2l import pool_cli
 
     monkeypatch.setattr(pool_cli, "_load_prompts", lambda cfg: PROMPTS[:3])
     parser = argparse.ArgumentParser()
     pool_cli.add_pool_arguments(parser.add_subparsers(dest="command"))
-    out = tmp_path / "cli_pool"
+    out, data = tmp_path / "cli_pool", tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(3)))
     args = parser.parse_args(["pool", "build", "--chunk-size", "2", "--device", "cpu", f"--out={out}",
+                              f"data.path={data}", "data.max_prompt_length=64",
                               f"explorer.model_path={explorer_dir}", "explorer.n_per_prompt=3",
                               "rollout.max_response_length=4", "seed=9"])
     assert args.handler(args) == 0

@@ -1,4 +1,4 @@
-"""Bad input fails fast, before anything is built: `s2l train` (and `s2l eval`) on each of a table of bad
+"""Bad input fails fast, before anything is built: `s2l train` (and `s2l eval`, `s2l pool build`) on each of a table of bad
 inputs exits with code 2 and exactly one error line naming the file, the field and the fix, no traceback,
 nothing written, within 3 s. Run folders hold one run each; a pool is checked against the run using it."""
 
@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from megatron_s2l.cli import main
 from megatron_s2l.config import load_config, to_yaml
 from megatron_s2l.preflight import preflight_train
-from megatron_s2l.rollout.pool_cli import build_from_config
+from megatron_s2l.pool_cli import build_from_config
 from megatron_s2l.rollout.types import Generation
 from tests.utils import qwen3_tokenizer_dir, run_process
 
@@ -146,6 +146,11 @@ def _after_a_run(world, tmp_path, *overrides) -> list[str]:
     return _train(world, tmp_path, *overrides)
 
 
+def _pool_build(world, tmp_path, *overrides, url: str = "") -> list[str]:
+    return ["pool", "build", "--config", str(world["config"]), *(["--explorer-url", url] if url else []),
+            f"explorer.pool_path={tmp_path / 'new_pool'}", *overrides]
+
+
 def _eval(world, model) -> list[str]:
     return ["eval", "--model", str(model), "--data", str(world["train"]),
             "--out", str(world["root"] / "eval")]
@@ -218,6 +223,16 @@ CASES = [
     ("resume with another config",
      lambda w, t: _after_a_run(w, t, "checkpoint.resume=auto", "optimizer.lr=1e-5"),
      ["resuming a run with another config (optimizer.lr: 1e-06 -> 1e-05)", "start a new logging.run_dir"]),
+    ("pool build: response beyond the explorer's context",
+     lambda w, t: _pool_build(w, t, "rollout.max_response_length=500"),
+     ["max_position_embeddings=512", "explorer.model_path=", "lower rollout.max_response_length to 448"]),
+    ("pool build: damaged explorer", lambda w, t: _pool_build(w, t, f"explorer.model_path={_damaged(w, t)}"),
+     ["damaged/model.safetensors", "truncated or damaged"]),
+    ("pool build: explorer server, no tokenizer", lambda w, t: _pool_build(w, t, f"explorer.model_path={t}",
+                                                                           url="http://127.0.0.1:9"),
+     ["explorer.model_path={tmp}: no config.json"]),
+    ("pool build: malformed row", lambda w, t: _pool_build(w, t, f"data.path={_text(t / 'd.jsonl', MALFORMED)}"),
+     ["d.jsonl:1: not valid JSON", "data.on_bad_row=skip"]),
     ("eval: missing model", lambda w, t: _eval(w, "/missing"), ["--model=/missing: no such directory"]),
     ("eval: damaged safetensors", lambda w, t: _eval(w, _damaged(w, t)),
      ["model.safetensors", "truncated or damaged"]),

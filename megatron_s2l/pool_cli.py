@@ -17,6 +17,7 @@ from pathlib import Path
 from megatron_s2l.config import load_config
 from megatron_s2l.data import load_prompts, read_rows
 from megatron_s2l.data.dataset import chat_template_digest
+from megatron_s2l.preflight import preflight_pool_build
 from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.engines import build_engine, sampling_params
 from megatron_s2l.rollout.pool_manifest import data_index
@@ -60,8 +61,7 @@ def add_pool_arguments(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, "explorer.mode=pool"]
                       + ([f"explorer.pool_path={args.out}"] if args.out else []))
-    if not cfg.explorer.model_path:
-        raise ValueError("explorer.model_path is empty; set it to the explorer's HF checkpoint directory")
+    preflight_pool_build(cfg, args.explorer_url or "")  # files, lengths and rows: before a model loads
 
     def engine():
         return build_engine(cfg.explorer.model_path, args.explorer_url or "", name="explorer",
