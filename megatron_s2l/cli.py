@@ -11,8 +11,9 @@ from pathlib import Path
 from megatron_s2l.config import ConfigError, ModelConfig, ParallelConfig, load_config, to_yaml
 from megatron_s2l.eval.runner import add_eval_arguments
 from megatron_s2l.eval.study import add_study_arguments
-from megatron_s2l.preflight import preflight_train
+from megatron_s2l.model.files import check_safetensors, require_model_dir
 from megatron_s2l.pool_cli import add_pool_arguments
+from megatron_s2l.preflight import preflight_train
 
 logger = logging.getLogger("megatron_s2l")
 
@@ -79,16 +80,18 @@ def _run_convert(args: argparse.Namespace) -> int:
     from megatron_s2l.model import checkpoint_io, specs  # lazy: torch (a fast --help)
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp)
+    if args.direction == "hf-to-megatron":  # the input is checked before the process group starts
+        check_safetensors(require_model_dir(args.hf, "--hf"))
+        hf_config = specs.load_hf_config(args.hf)
+        dtype = checkpoint_io.hf_dtype(hf_config) if args.dtype == "auto" else args.dtype
+    else:
+        model_dtype = checkpoint_io.read_checkpoint_meta(args.ckpt).get("dtype", "float32")
+        out_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # None: the checkpoint's
     platform.init_distributed(args.tp, args.pp)
     try:
         if args.direction == "hf-to-megatron":
-            hf_config = specs.load_hf_config(args.hf)
-            dtype = checkpoint_io.hf_dtype(hf_config) if args.dtype == "auto" else args.dtype
             checkpoint_io.convert_hf_to_megatron(args.hf, args.out, ModelConfig(dtype=dtype), parallel)
         else:
-            meta = checkpoint_io.read_checkpoint_meta(args.ckpt)
-            model_dtype = meta.get("dtype", "float32")
-            out_dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # None: the checkpoint's
             checkpoint_io.convert_megatron_to_hf(args.ckpt, args.out, ModelConfig(dtype=model_dtype),
                                                  parallel, dtype=out_dtype)
     finally:
