@@ -51,6 +51,7 @@ def preflight_train(cfg: RunConfig, world_size: int | None = None, rank: int | N
     if cfg.explorer.mode == "online" and not cfg.explorer.url:  # an explorer loaded in-process
         explorer = cfg.explorer.model_path
         check_lengths(cfg, check_model(explorer, "explorer.model_path"), f"explorer.model_path={explorer}")
+    check_explorer_tokenizer(cfg)
     if rank == 0:  # the driver owns the run folder, the prompts and the explorer
         run_dir = Path(cfg.logging.run_dir)
         held = check_run_dir(run_dir, cfg.checkpoint.dir or run_dir / "checkpoints", to_dict(cfg),
@@ -96,6 +97,18 @@ def check_tokenizer(path: str, field: str) -> Path:
         raise FileNotFoundError(f"{field}={path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy "
                                 "the model's tokenizer into that folder")
     return folder
+
+
+def check_explorer_tokenizer(cfg: RunConfig) -> None:
+    """An online explorer's token ids mean what they mean to the learner (which scores them); a pool's
+    tokenizer is checked with the pool."""
+    explorer = cfg.explorer.model_path
+    if cfg.explorer.mode != "online" or not explorer:
+        return
+    if pool_manifest.tokenizer_hash(explorer) != pool_manifest.tokenizer_hash(cfg.model.path):
+        raise ValueError(f"explorer.model_path={explorer} and model.path={cfg.model.path} use different "
+                         "tokenizers; S2L-PO needs models of one family (the learner scores the explorer's "
+                         "tokens): pick an explorer with the learner's tokenizer")
 
 
 def check_lengths(cfg: RunConfig, hf_config: dict, model: str) -> None:

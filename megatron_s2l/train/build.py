@@ -19,6 +19,7 @@ from megatron_s2l.data import build_dataset
 from megatron_s2l.eval.runner import Evaluator, build_evaluator
 from megatron_s2l.metrics.logger import build_metrics_logger
 from megatron_s2l.model import specs
+from megatron_s2l.preflight import check_explorer_tokenizer
 from megatron_s2l.reward import build_reward
 from megatron_s2l.rollout.collector import NullRollout, RolloutCollector
 from megatron_s2l.rollout.engines import build_engine, sampling_params
@@ -91,12 +92,9 @@ def build_explorer(cfg: RunConfig) -> Union[ExplorerPool, RolloutEngine, None]:
     mode = cfg.explorer.mode
     if mode == "off":
         return None
-    learner_tokenizer = tokenizer_hash(cfg.model.path)
     if mode == "pool":
-        return ExplorerPool.open(cfg.explorer.pool_path, learner_tokenizer, seed=cfg.seed,
+        return ExplorerPool.open(cfg.explorer.pool_path, tokenizer_hash(cfg.model.path), seed=cfg.seed,
                                  max_response_length=cfg.rollout.max_response_length)
-    if cfg.explorer.model_path and tokenizer_hash(cfg.explorer.model_path) != learner_tokenizer:
-        raise ValueError(f"explorer {cfg.explorer.model_path} and learner {cfg.model.path} use different "
-                         "tokenizers; S2L-PO needs models of one family (the learner scores the explorer's tokens)")
+    check_explorer_tokenizer(cfg)
     return build_engine(cfg.explorer.model_path, cfg.explorer.url, name="explorer", rollout=cfg.rollout,
                         seed=cfg.seed + 1, version="frozen")
