@@ -77,13 +77,13 @@ def renormalise_over_kept(logprobs: list[float], top_logprobs: list[list], top_p
     for logprob, top in zip(logprobs, top_logprobs):
         probs = sorted((math.exp(entry[0]) for entry in top), reverse=True)
         limit = top_k if top_k > 0 else len(probs) + 1
-        kept, before = 0.0, 0.0
+        kept = 0.0  # the mass of the tokens kept so far, which is also the mass before the next one
         for rank, prob in enumerate(probs):
-            if rank >= limit or before >= top_p:
+            if rank >= limit or kept >= top_p:
                 break
-            kept, before = kept + prob, before + prob
+            kept += prob
         else:  # every listed token kept: the set may go on past them
-            if len(probs) < limit and before < top_p:
+            if len(probs) < limit and kept < top_p:
                 kept = top_p
         out.append(logprob - math.log(kept) if kept > 0 else logprob)
     return out
