@@ -358,9 +358,7 @@ class EvalConfig:
     def validate(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", self.every_steps, "use >= 0 (0: off)")
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", self.samples_per_prompt, "use >= 1")
-        _check(self.temperature >= 0, "eval.temperature", self.temperature, "use >= 0 (0: greedy)")
-        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "use 0 < top_p <= 1 (1: off)")
-        _check(self.top_k == -1 or self.top_k >= 1, "eval.top_k", self.top_k, "use -1 (off) or k >= 1")
+        _check_sampling("eval", self.temperature, self.top_p, self.top_k, "0: greedy", greedy=True)
         if self.every_steps:
             _check(bool(self.path), "eval.path", self.path, "set held-out prompts or eval.every_steps=0")
         for name, path in self.extra.items():
@@ -635,9 +633,14 @@ def _coerce(hint: Any, value: Any, field: str) -> Any:
     raise TypeError(f"config field {field} has an unsupported type {hint}")  # programmer error
 
 
-def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, paper: str) -> None:
-    """Ranges every sampler accepts: a bad value fails here, not in step 1's generate call."""
-    _check(temperature > 0, f"{section}.temperature", temperature, f"use a temperature > 0 ({paper})")
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, example: str,
+                    greedy: bool = False) -> None:
+    """Ranges every sampler accepts (temperature 0, greedy, where `greedy`): a bad value fails here, not in
+    step 1's generate call."""
+    if greedy:
+        _check(temperature >= 0, f"{section}.temperature", temperature, f"use >= 0 ({example})")
+    else:
+        _check(temperature > 0, f"{section}.temperature", temperature, f"use a temperature > 0 ({example})")
     _check(0 < top_p <= 1, f"{section}.top_p", top_p, "use 0 < top_p <= 1 (1: off)")
     _check(top_k == -1 or top_k >= 1, f"{section}.top_k", top_k, "use -1 (off) or k >= 1")
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_s2l.config import RunConfig
 from megatron_s2l.data.loaders import RawRow, question_key
 from megatron_s2l.model.files import weights_digest
-from megatron_s2l.rollout.schedule import AnnealSchedule
+from megatron_s2l.rollout.schedule import build_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,11 @@ def run_mismatches(manifest: dict, cfg: RunConfig) -> list[str]:
         elif not mine and Path(built_model).name != Path(run_model).name:
             out.append(f"explorer model: pool {built_model}, run explorer.model_path={run_model}")
     sampling = manifest.get("sampling", {})
-    run_values = {"temperature": cfg.explorer.temperature, "top_p": cfg.explorer.top_p,
-                  "top_k": cfg.explorer.top_k, "max_new_tokens": cfg.rollout.max_response_length}
     for key, field in SAMPLING_FIELDS.items():
         built = sampling.get(key, -1 if key == "top_k" else None)  # pools from before explorer.top_k: off
-        if built is None or abs(float(built) - float(run_values[key])) > 1e-9:
-            out.append(f"{key}: pool {built}, run {field}={run_values[key]}")
+        run_value = operator.attrgetter(field)(cfg)
+        if built is None or abs(float(built) - float(run_value)) > 1e-9:
+            out.append(f"{key}: pool {built}, run {field}={run_value}")
     return out
 
 
@@ -173,9 +173,7 @@ def check_against_run(path: str | Path, manifest: dict, cfg: RunConfig) -> None:
 
 def max_explorer_draw(cfg: RunConfig) -> int:
     """The largest G_w of any step: the samples per prompt one draw takes from the pool."""
-    schedule = AnnealSchedule(cfg.schedule.kind, cfg.rollout.group_size, cfg.t_mix, cfg.steps,
-                              constant_alpha=cfg.schedule.constant_alpha,
-                              adaptive_window=cfg.schedule.adaptive_window)
+    schedule = build_schedule(cfg.schedule, cfg.rollout.group_size, cfg.t_mix, cfg.steps)
     return max(g_w for _, _, g_w, _ in schedule.table())
 
 
